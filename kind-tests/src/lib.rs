@@ -1,0 +1,1 @@
+//! Not implemented yet: see the open issues. This crate is an empty library so the workspace builds.

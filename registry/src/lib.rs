@@ -1,0 +1,26 @@
+//! The shared object model of the mesh, and the sources that fill it.
+//!
+//! ```text
+//!  YAML directory (--config-dir)        Kubernetes API (later: kube watch)
+//!            \                                   /
+//!             objects::Object  (Service, EndpointSlice, Pod, Secret,
+//!                               ServiceEntry, DestinationRule, ServiceExport)
+//!                     |  converted outside any lock
+//!             snapshot::Snapshot  (services + ports + ready endpoints with labels and
+//!                                  locality, subsets, exports, service entries, secrets)
+//!                     |  one writer, watch channel
+//!             source::SnapshotHandle  -> gateway / dns / remote-secrets (cheap readers)
+//! ```
+//!
+//! `naming` holds the name forms everyone shares (Istio SNI, cluster names, `.global`), and
+//! `admin` the status, metrics and debug HTTP endpoints every binary serves.
+
+pub mod admin;
+pub mod naming;
+pub mod objects;
+pub mod snapshot;
+pub mod source;
+
+pub use naming::ServiceName;
+pub use snapshot::Snapshot;
+pub use source::SnapshotHandle;
