@@ -1,1 +1,44 @@
-fn main() {}
+use anyhow::Context;
+use clap::Parser;
+use gateway::{Config, Gateway};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    registry::admin::init_logging(config.log_format);
+    raise_fd_limit();
+    tracing::info!(config = %serde_json::to_string(&config)?, "starting gateway");
+    let gateway = Gateway::start(config)
+        .await
+        .context("gateway failed to start")?;
+    wait_for_signal().await;
+    tracing::info!("termination signal received");
+    gateway.begin_termination();
+    gateway.wait().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Each spliced connection holds two sockets and up to two pipes: lift the soft descriptor
+/// limit to the hard one so thousands of connections fit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -16,11 +16,13 @@
 //! `admin` the status, metrics and debug HTTP endpoints every binary serves.
 
 pub mod admin;
+pub mod cidr;
 pub mod naming;
 pub mod objects;
 pub mod snapshot;
 pub mod source;
 
+pub use cidr::Cidr;
 pub use naming::ServiceName;
 pub use snapshot::Snapshot;
 pub use source::SnapshotHandle;

@@ -45,43 +45,51 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, DirError> {
     };
     let mut seen: HashMap<ObjectKey, String> = HashMap::new();
     for file in files {
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
-            Err(e) => {
-                loaded
-                    .status
-                    .errors
-                    .push(format!("{}: cannot read: {e}", file.display()));
-                continue;
-            }
-        };
-        for (index, doc) in split_documents(&text).into_iter().enumerate() {
-            let place = format!("{} document {}", file.display(), index + 1);
-            match parse_document(doc) {
-                Ok(None) => {}
-                Ok(Some(Decoded::Skipped(api_version, kind))) => {
-                    debug!(%place, %api_version, %kind, "skipping a kind this program does not read");
-                    loaded
-                        .status
-                        .skipped
-                        .push(format!("{place}: {api_version} {kind}"));
-                }
-                Ok(Some(Decoded::Object(object))) => {
-                    let key = object.key();
-                    if let Some(first) = seen.get(&key) {
-                        loaded.status.warnings.push(format!(
-                            "{place}: duplicate {key}, first defined at {first}: ignored"
-                        ));
-                        continue;
-                    }
-                    seen.insert(key, place);
-                    loaded.objects.push(object);
-                }
-                Err(reason) => loaded.status.errors.push(format!("{place}: {reason}")),
-            }
+        match std::fs::read_to_string(&file) {
+            Ok(text) => add_text(&file.display().to_string(), &text, &mut loaded, &mut seen),
+            Err(e) => loaded
+                .status
+                .errors
+                .push(format!("{}: cannot read: {e}", file.display())),
         }
     }
     Ok(loaded)
+}
+
+/// Build a snapshot from YAML text as a file would hold it: for tests and fixtures.
+pub fn snapshot_from_yaml(text: &str) -> Snapshot {
+    let mut loaded = Loaded::default();
+    add_text("inline", text, &mut loaded, &mut HashMap::new());
+    Snapshot::build(&loaded.objects, loaded.status)
+}
+
+/// Add the documents of one file's text; `origin` names the file in messages.
+fn add_text(origin: &str, text: &str, loaded: &mut Loaded, seen: &mut HashMap<ObjectKey, String>) {
+    for (index, doc) in split_documents(text).into_iter().enumerate() {
+        let place = format!("{origin} document {}", index + 1);
+        match parse_document(doc) {
+            Ok(None) => {}
+            Ok(Some(Decoded::Skipped(api_version, kind))) => {
+                debug!(%place, %api_version, %kind, "skipping a kind this program does not read");
+                loaded
+                    .status
+                    .skipped
+                    .push(format!("{place}: {api_version} {kind}"));
+            }
+            Ok(Some(Decoded::Object(object))) => {
+                let key = object.key();
+                if let Some(first) = seen.get(&key) {
+                    loaded.status.warnings.push(format!(
+                        "{place}: duplicate {key}, first defined at {first}: ignored"
+                    ));
+                    continue;
+                }
+                seen.insert(key, place);
+                loaded.objects.push(object);
+            }
+            Err(reason) => loaded.status.errors.push(format!("{place}: {reason}")),
+        }
+    }
 }
 
 /// Load the directory, publish the first snapshot, then keep polling it every `interval` and

@@ -1,0 +1,258 @@
+//! Wiring: the config source, the route-table writer, the listeners, and graceful termination.
+//! Tests start a whole [`Gateway`] in-process on 127.0.0.1 port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use registry::admin::{self, Readiness};
+use registry::source::dir::{DirError, watch_dir};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, Settings};
+use crate::route::RouteTable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Source(#[from] DirError),
+    #[error(transparent)]
+    Bind(#[from] std::io::Error),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub proxy_addr: SocketAddr,
+    pub status_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub readiness: Readiness,
+    terminate: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let dir = config.config_dir.clone().expect("validated");
+        let (snapshot, _source_task) = watch_dir(dir, config.config_poll).await?;
+
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let routes = spawn_route_writer(snapshot.clone(), config.route_options(), metrics.clone());
+
+        let listener =
+            admin::bind(config.listen, "the TLS passthrough listener (--listen)").await?;
+        let status = admin::bind(config.status_listen, "readiness (--status-listen)").await?;
+        let metrics_l = admin::bind(config.metrics_listen, "metrics (--metrics-listen)").await?;
+        let admin_l = admin::bind(config.admin_listen, "admin (--admin-listen)").await?;
+        let gateway_addrs = (
+            listener.local_addr()?,
+            status.local_addr()?,
+            metrics_l.local_addr()?,
+            admin_l.local_addr()?,
+        );
+
+        let readiness = Readiness::default();
+        let admin_stop = CancellationToken::new();
+        admin::spawn_http(
+            status,
+            admin::status_router(readiness.clone()),
+            admin_stop.clone(),
+        );
+        admin::spawn_http(
+            metrics_l,
+            admin::metrics_router(Arc::new(registry)),
+            admin_stop.clone(),
+        );
+        let admin_state = crate::admin::AdminState {
+            config: config.clone(),
+            snapshot: snapshot.clone(),
+            routes: routes.clone(),
+        };
+        admin::spawn_http(
+            admin_l,
+            crate::admin::router(admin_state),
+            admin_stop.clone(),
+        );
+
+        let proxy = Arc::new(Proxy::new(routes, metrics.clone(), settings(&config)));
+        let accept_stop = CancellationToken::new();
+        let conn_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        tokio::spawn(accept_loop(
+            listener,
+            proxy,
+            limit,
+            tracker.clone(),
+            accept_stop.clone(),
+            conn_stop.clone(),
+            metrics,
+        ));
+
+        snapshot.wait_synced().await;
+        readiness.set(true);
+        info!(listen = %gateway_addrs.0, cluster = %config.cluster_id, "gateway ready");
+
+        let terminate = CancellationToken::new();
+        let done = tokio::spawn(lifecycle(
+            terminate.clone(),
+            readiness.clone(),
+            config.clone(),
+            accept_stop,
+            tracker,
+            conn_stop,
+            admin_stop,
+        ));
+        Ok(Gateway {
+            proxy_addr: gateway_addrs.0,
+            status_addr: gateway_addrs.1,
+            metrics_addr: gateway_addrs.2,
+            admin_addr: gateway_addrs.3,
+            readiness,
+            terminate,
+            done,
+        })
+    }
+
+    /// Start graceful termination, as SIGTERM does: readiness 503, keep accepting for the drain
+    /// duration, stop the listener, give in-flight connections until the deadline.
+    pub fn begin_termination(&self) {
+        self.terminate.cancel();
+    }
+
+    /// Wait until termination has finished.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+fn settings(config: &Config) -> Settings {
+    Settings {
+        peek_timeout: config.peek_timeout,
+        connect_timeout: config.connect_timeout,
+        connect_attempts: config.connect_attempts,
+        idle_timeout: config.idle_timeout,
+        ejection: config.ejection(),
+        allow_source: config.allow_source.clone(),
+    }
+}
+
+/// The single writer of the route table: rebuilds it on every snapshot change, off the data
+/// path. New connections see the new table at once; established ones keep their endpoint.
+fn spawn_route_writer(
+    snapshot: registry::SnapshotHandle,
+    options: crate::route::RouteOptions,
+    metrics: Arc<Metrics>,
+) -> watch::Receiver<Arc<RouteTable>> {
+    let mut changes = snapshot.subscribe();
+    let first = RouteTable::build(
+        &changes.borrow_and_update(),
+        &options,
+        &RouteTable::default(),
+    );
+    metrics.route_tables.inc();
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let current = changes.borrow_and_update().clone();
+            let previous = tx.borrow().clone();
+            let table = RouteTable::build(&current, &options, &previous);
+            metrics.route_tables.inc();
+            info!(
+                version = current.status.version,
+                hosts = table.hosts().count(),
+                "route table updated"
+            );
+            if tx.send(Arc::new(table)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limit: Option<Arc<Semaphore>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    conn_stop: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "accept failed; is the file descriptor limit too low?");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permit = match &limit {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    metrics.reject("max_connections", None);
+                    tracing::debug!(%peer, "refused: --max-connections reached");
+                    continue;
+                }
+            },
+        };
+        let proxy = proxy.clone();
+        let conn_stop = conn_stop.clone();
+        tracker.spawn(async move {
+            proxy.serve(stream, peer, conn_stop).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn lifecycle(
+    terminate: CancellationToken,
+    readiness: Readiness,
+    config: Arc<Config>,
+    accept_stop: CancellationToken,
+    tracker: TaskTracker,
+    conn_stop: CancellationToken,
+    admin_stop: CancellationToken,
+) {
+    terminate.cancelled().await;
+    readiness.set(false);
+    info!(drain = ?config.drain_duration, "terminating: readiness is now 503; still accepting while load balancers move away");
+    tokio::time::sleep(config.drain_duration).await;
+    accept_stop.cancel();
+    tracker.close();
+    info!(in_flight = tracker.len(), deadline = ?config.termination_deadline, "listener closed; waiting for in-flight connections");
+    if tokio::time::timeout(config.termination_deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            in_flight = tracker.len(),
+            "termination deadline passed; closing the remaining connections"
+        );
+        conn_stop.cancel();
+        tracker.wait().await;
+    }
+    admin_stop.cancel();
+    info!("gateway stopped");
+}
