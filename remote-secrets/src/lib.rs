@@ -1,1 +1,23 @@
-//! Not implemented yet: see the open issues. This crate is an empty library so the workspace builds.
+//! remote-secrets: the multi-cluster control plane (split-horizon EDS over xDS).
+//!
+//! ```text
+//!  --config-dir (local)  --remote-config-dir ID=DIR   Secrets istio/multiCluster=true
+//!          |                      |                         | secrets.rs: validate, hash,
+//!          |                      |                         | RemoteConnector (kube: issue 4)
+//!          v                      v                         v
+//!   clusters.rs: one aggregator task, the single writer of watch<Arc<MeshView>>
+//!          (every cluster's snapshot + state, meshNetworks, DNS cache, resolved gateways)
+//!          |
+//!   xds/debounce: 100 ms quiet, 1 s max  ->  watch<Generation>
+//!          |
+//!   xds.rs: ADS (SotW + Delta) and EDS streams; per stream: subscriptions, the client's
+//!          network (node metadata NETWORK), eds.rs (pure) computes ClusterLoadAssignments,
+//!          only changed resources go to the streams subscribed to them
+//! ```
+//!
+//! `certs.rs` and `remote_secret.rs` are the offline subcommands; `admin.rs` serves
+//! `/config_dump` and `/debug/explain`.
+
+pub mod clusters;
+pub mod eds;
+pub mod mesh_networks;
