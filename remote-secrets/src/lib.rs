@@ -20,4 +20,8 @@
 
 pub mod clusters;
 pub mod eds;
+pub mod kubeconfig;
 pub mod mesh_networks;
+pub mod metrics;
+pub mod secrets;
+pub mod xds;

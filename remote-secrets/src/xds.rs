@@ -1,0 +1,365 @@
+//! The xDS server: ADS (SotW and Delta) and the standalone EDS service, over tonic.
+//!
+//! Each stream is one task: it reads requests and watches the debounced generations, feeds both
+//! to the sans-IO protocol state in `stream.rs`, and writes the answers. Only EDS
+//! (`ClusterLoadAssignment`) is served; other types on ADS are logged once and ignored.
+
+pub mod debounce;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_server::{
+    EndpointDiscoveryService, EndpointDiscoveryServiceServer,
+};
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+pub use debounce::Generation;
+pub use stream::{DeltaStream, EDS_TYPE, Event, SotwStream};
+
+use crate::eds::{self, EdsOptions};
+use crate::metrics::XdsMetrics;
+
+/// How resources are computed: the EDS options, shared by all streams.
+#[derive(Clone, Debug)]
+pub struct Resources {
+    pub options: Arc<EdsOptions>,
+}
+
+impl Resources {
+    pub fn assignment(&self, name: &str, g: &Generation, network: &str) -> ClusterLoadAssignment {
+        eds::assignment(name, &g.view, network, &self.options).0
+    }
+
+    pub fn all_names(&self, g: &Generation) -> std::collections::BTreeSet<String> {
+        eds::all_cluster_names(&g.view, &self.options)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("cannot read {what} {path}: {source}")]
+    ReadTls {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("xDS TLS configuration rejected: {0}; are the certificate chain and key a pair?")]
+    Tls(#[from] tonic::transport::Error),
+}
+
+/// The xDS service, shared by every listener.
+#[derive(Clone, Debug)]
+pub struct XdsService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    generations: watch::Receiver<Arc<Generation>>,
+    resources: Resources,
+    default_network: String,
+    metrics: Arc<XdsMetrics>,
+    next_id: AtomicU64,
+    stop: CancellationToken,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl XdsService {
+    pub fn new(
+        generations: watch::Receiver<Arc<Generation>>,
+        options: EdsOptions,
+        default_network: String,
+        metrics: Arc<XdsMetrics>,
+        stop: CancellationToken,
+    ) -> XdsService {
+        XdsService {
+            inner: Arc::new(Inner {
+                generations,
+                resources: Resources {
+                    options: Arc::new(options),
+                },
+                default_network,
+                metrics,
+                next_id: AtomicU64::new(1),
+                stop,
+            }),
+        }
+    }
+
+    fn sotw(
+        &self,
+        requests: Streaming<DiscoveryRequest>,
+        peer: Option<SocketAddr>,
+        api: &'static str,
+    ) -> BoxStream<DiscoveryResponse> {
+        let (tx, rx) = mpsc::channel(4);
+        let inner = self.inner.clone();
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("xds", id, api, peer = ?peer);
+        tokio::spawn(run_sotw(inner, requests, tx).instrument(span));
+        Box::pin(ReceiverStream::new(rx))
+    }
+
+    fn delta(
+        &self,
+        requests: Streaming<DeltaDiscoveryRequest>,
+        peer: Option<SocketAddr>,
+        api: &'static str,
+    ) -> BoxStream<DeltaDiscoveryResponse> {
+        let (tx, rx) = mpsc::channel(4);
+        let inner = self.inner.clone();
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("xds", id, api, peer = ?peer);
+        tokio::spawn(run_delta(inner, requests, tx).instrument(span));
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// Counts a connected stream for as long as it lives.
+struct StreamGuard(Arc<XdsMetrics>, &'static str);
+
+impl StreamGuard {
+    fn new(m: &Arc<XdsMetrics>, kind: &'static str) -> StreamGuard {
+        m.streams(kind).inc();
+        StreamGuard(m.clone(), kind)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams(self.1).dec();
+    }
+}
+
+fn log_event(inner: &Inner, kind: &'static str, event: &Event, network: Option<&str>) {
+    match event {
+        Event::Nack(message) => {
+            inner.metrics.nack(kind);
+            warn!(%message, "client rejected (NACKed) a response; it keeps its previous version");
+        }
+        Event::OtherType(t) => debug!(type_url = %t, "type not served here; ignored"),
+        Event::Stale => debug!("request with a stale nonce; ignored"),
+        Event::Request => debug!(network = ?network, "subscription changed"),
+        Event::Ack => debug!("ACK"),
+    }
+}
+
+async fn run_sotw(
+    inner: Arc<Inner>,
+    mut requests: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let _guard = StreamGuard::new(&inner.metrics, "sotw");
+    let mut generations = inner.generations.clone();
+    let mut state = SotwStream::default();
+    let mut warned_types = std::collections::BTreeSet::new();
+    info!("stream opened");
+    loop {
+        let response = tokio::select! {
+            _ = inner.stop.cancelled() => break,
+            _ = tx.closed() => break,
+            req = requests.next() => {
+                let req = match req {
+                    None => break,
+                    Some(Err(status)) => { debug!(%status, "stream ended by the client"); break }
+                    Some(Ok(r)) => r,
+                };
+                let g = generations.borrow_and_update().clone();
+                let (event, response) = state.on_request(&req, &g, &inner.default_network, &inner.resources);
+                if let Event::OtherType(t) = &event
+                    && warned_types.insert(t.clone())
+                {
+                    info!(type_url = %t, "this server serves only EDS; requests for this type are ignored");
+                }
+                log_event(&inner, "sotw", &event, state.network.as_deref());
+                response.map(|r| (r, g))
+            }
+            r = generations.changed() => {
+                if r.is_err() { break }
+                let g = generations.borrow_and_update().clone();
+                state.on_generation(&g, &inner.default_network, &inner.resources).map(|r| (r, g))
+            }
+        };
+        if let Some((response, g)) = response {
+            inner.metrics.pushed("sotw", g.published.elapsed());
+            if tx.send(Ok(response)).await.is_err() {
+                break;
+            }
+        }
+    }
+    info!("stream closed");
+}
+
+async fn run_delta(
+    inner: Arc<Inner>,
+    mut requests: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let _guard = StreamGuard::new(&inner.metrics, "delta");
+    let mut generations = inner.generations.clone();
+    let mut state = DeltaStream::default();
+    info!("delta stream opened");
+    loop {
+        let response = tokio::select! {
+            _ = inner.stop.cancelled() => break,
+            _ = tx.closed() => break,
+            req = requests.next() => {
+                let req = match req {
+                    None => break,
+                    Some(Err(status)) => { debug!(%status, "stream ended by the client"); break }
+                    Some(Ok(r)) => r,
+                };
+                let g = generations.borrow_and_update().clone();
+                let (event, response) = state.on_request(&req, &g, &inner.default_network, &inner.resources);
+                log_event(&inner, "delta", &event, state.network.as_deref());
+                response.map(|r| (r, g))
+            }
+            r = generations.changed() => {
+                if r.is_err() { break }
+                let g = generations.borrow_and_update().clone();
+                state.on_generation(&g, &inner.default_network, &inner.resources).map(|r| (r, g))
+            }
+        };
+        if let Some((response, g)) = response {
+            inner.metrics.pushed("delta", g.published.elapsed());
+            if tx.send(Ok(response)).await.is_err() {
+                break;
+            }
+        }
+    }
+    info!("delta stream closed");
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsService {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        Ok(Response::new(self.sotw(request.into_inner(), peer, "ads")))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        Ok(Response::new(self.delta(
+            request.into_inner(),
+            peer,
+            "ads-delta",
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl EndpointDiscoveryService for XdsService {
+    type StreamEndpointsStream = BoxStream<DiscoveryResponse>;
+    type DeltaEndpointsStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_endpoints(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamEndpointsStream>, Status> {
+        let peer = request.remote_addr();
+        Ok(Response::new(self.sotw(request.into_inner(), peer, "eds")))
+    }
+
+    async fn delta_endpoints(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaEndpointsStream>, Status> {
+        let peer = request.remote_addr();
+        Ok(Response::new(self.delta(
+            request.into_inner(),
+            peer,
+            "eds-delta",
+        )))
+    }
+
+    async fn fetch_endpoints(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let req = request.into_inner();
+        let g = self.inner.generations.borrow().clone();
+        let mut state = SotwStream::default();
+        match state.on_request(&req, &g, &self.inner.default_network, &self.inner.resources) {
+            (_, Some(r)) => Ok(Response::new(r)),
+            (Event::OtherType(t), None) => Err(Status::invalid_argument(format!(
+                "this server serves only {EDS_TYPE}, not {t}"
+            ))),
+            (_, None) => Err(Status::internal("no response computed")),
+        }
+    }
+}
+
+/// Server TLS for `--xds-tls-listen`: our certificate chain and key, clients verified against
+/// the shared root.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert_chain: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub root: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    pub fn server_config(&self) -> Result<ServerTlsConfig, XdsError> {
+        let read = |what: &'static str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| XdsError::ReadTls {
+                what,
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let chain = read("certificate chain", &self.cert_chain)?;
+        let key = read("private key", &self.key)?;
+        let root = read("root certificate", &self.root)?;
+        Ok(ServerTlsConfig::new()
+            .identity(Identity::from_pem(chain, key))
+            .client_ca_root(Certificate::from_pem(root)))
+    }
+}
+
+/// Serve ADS and EDS on `listener` (TLS when `tls` is given) until `stop`.
+pub async fn serve(
+    service: XdsService,
+    listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    stop: CancellationToken,
+) -> Result<(), XdsError> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .add_service(AggregatedDiscoveryServiceServer::new(service.clone()))
+        .add_service(EndpointDiscoveryServiceServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+        .await?;
+    Ok(())
+}
