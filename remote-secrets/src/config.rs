@@ -85,7 +85,11 @@ pub struct ServeConfig {
     pub config_dir: Option<PathBuf>,
 
     /// A file-backed remote cluster, `CLUSTER_ID=DIR` (repeatable).
-    #[arg(long = "remote-config-dir", env = "REMOTE_SECRETS_REMOTE_CONFIG_DIR", value_delimiter = ',')]
+    #[arg(
+        long = "remote-config-dir",
+        env = "REMOTE_SECRETS_REMOTE_CONFIG_DIR",
+        value_delimiter = ','
+    )]
     pub remote_config_dirs: Vec<RemoteDir>,
 
     /// How often config directories and the mesh networks file are checked for changes.
@@ -94,7 +98,11 @@ pub struct ServeConfig {
     pub config_poll: Duration,
 
     /// Where kubeconfig Secrets (label istio/multiCluster=true) are read.
-    #[arg(long, env = "REMOTE_SECRETS_SECRETS_NAMESPACE", default_value = "istio-system")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_SECRETS_NAMESPACE",
+        default_value = "istio-system"
+    )]
     pub secrets_namespace: String,
 
     /// Accept kubeconfigs whose users run a command (exec) or an auth-provider plugin.
@@ -110,11 +118,19 @@ pub struct ServeConfig {
     pub default_network: Option<String>,
 
     /// xDS over plaintext gRPC.
-    #[arg(long, env = "REMOTE_SECRETS_XDS_LISTEN", default_value = "0.0.0.0:15010")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_XDS_LISTEN",
+        default_value = "0.0.0.0:15010"
+    )]
     pub xds_listen: SocketAddr,
 
     /// xDS over mutual TLS; served when the three --xds-tls-* files are given.
-    #[arg(long, env = "REMOTE_SECRETS_XDS_TLS_LISTEN", default_value = "0.0.0.0:15012")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_XDS_TLS_LISTEN",
+        default_value = "0.0.0.0:15012"
+    )]
     pub xds_tls_listen: SocketAddr,
 
     /// The server's certificate chain (PEM, leaf first), e.g. from `certs workload`.
@@ -145,11 +161,20 @@ pub struct ServeConfig {
     pub dns_refresh: Duration,
 
     /// Which remote services count (see the gateway's flag of the same name).
-    #[arg(long, env = "REMOTE_SECRETS_EXPORT_POLICY", value_enum, default_value = "exported")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_EXPORT_POLICY",
+        value_enum,
+        default_value = "exported"
+    )]
     pub export_policy: ExportPolicy,
 
     /// The cluster DNS domain: services are `<name>.<ns>.svc.<domain-suffix>`.
-    #[arg(long, env = "REMOTE_SECRETS_DOMAIN_SUFFIX", default_value = "cluster.local")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_DOMAIN_SUFFIX",
+        default_value = "cluster.local"
+    )]
     pub domain_suffix: String,
 
     /// The multi-cluster suffix: `<name>.<ns>.<global-suffix>`.
@@ -157,18 +182,35 @@ pub struct ServeConfig {
     pub global_suffix: String,
 
     /// `GET /healthz/ready`: 200 once the local cluster is synced (never waits on remotes).
-    #[arg(long, env = "REMOTE_SECRETS_STATUS_LISTEN", default_value = "0.0.0.0:15021")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_STATUS_LISTEN",
+        default_value = "0.0.0.0:15021"
+    )]
     pub status_listen: SocketAddr,
 
     /// `GET /metrics`.
-    #[arg(long, env = "REMOTE_SECRETS_METRICS_LISTEN", default_value = "0.0.0.0:15020")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_METRICS_LISTEN",
+        default_value = "0.0.0.0:15020"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// `GET /config_dump`, `GET /debug/explain?host=...&network=...`. Keep it on localhost.
-    #[arg(long, env = "REMOTE_SECRETS_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_ADMIN_LISTEN",
+        default_value = "127.0.0.1:15000"
+    )]
     pub admin_listen: SocketAddr,
 
-    #[arg(long, env = "REMOTE_SECRETS_LOG_FORMAT", value_enum, default_value = "plain")]
+    #[arg(
+        long,
+        env = "REMOTE_SECRETS_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -191,8 +233,7 @@ impl ServeConfig {
         }
         match &self.config_dir {
             None => errors.push(
-                "--config-dir is required: the Kubernetes API source is not available yet"
-                    .into(),
+                "--config-dir is required: the Kubernetes API source is not available yet".into(),
             ),
             Some(d) if !d.is_dir() => errors.push(format!(
                 "--config-dir {}: not a directory; does it exist?",
@@ -341,7 +382,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 mod duration_str {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_str(&format_args!("{}ms", d.as_millis()))
     }
 }

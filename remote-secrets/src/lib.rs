@@ -18,10 +18,13 @@
 //! `certs.rs` and `remote_secret.rs` are the offline subcommands; `admin.rs` serves
 //! `/config_dump` and `/debug/explain`.
 
+pub mod certs;
 pub mod clusters;
+pub mod config;
 pub mod eds;
 pub mod kubeconfig;
 pub mod mesh_networks;
 pub mod metrics;
+pub mod remote_secret;
 pub mod secrets;
 pub mod xds;
