@@ -1,1 +1,4 @@
-//! Not implemented yet: see the open issues. This crate is an empty library so the workspace builds.
+//! Authoritative DNS for the mesh's `.global` names.
+pub mod config;
+pub mod table;
+pub use config::Config;
