@@ -18,6 +18,8 @@
 //! `certs.rs` and `remote_secret.rs` are the offline subcommands; `admin.rs` serves
 //! `/config_dump` and `/debug/explain`.
 
+pub mod admin;
+pub mod app;
 pub mod certs;
 pub mod clusters;
 pub mod config;

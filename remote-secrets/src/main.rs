@@ -1,1 +1,44 @@
-fn main() {}
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+use remote_secrets::app::App;
+use remote_secrets::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // One crypto provider for every rustls user (tonic's TLS server included).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(config) => {
+            registry::admin::init_logging(config.log_format);
+            tracing::info!(config = %serde_json::to_string(&config)?, "starting remote-secrets");
+            let app = App::start(*config)
+                .await
+                .context("remote-secrets failed to start")?;
+            wait_for_signal().await;
+            tracing::info!("termination signal received");
+            app.stop();
+            app.wait().await;
+        }
+        Command::CreateRemoteSecret(c) => {
+            let yaml = remote_secrets::remote_secret::render(&c)?;
+            std::io::stdout().write_all(yaml.as_bytes())?;
+        }
+        Command::Certs(cmd) => {
+            let out = remote_secrets::certs::run(&cmd)?;
+            std::io::stdout().write_all(out.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
