@@ -773,10 +773,12 @@ async fn openssl_s_client_reaches_the_pod() {
     std::fs::write(dir.path().join("root.pem"), &pki().root_pem).unwrap();
     let d = dir.path().to_path_buf();
     let proxy = gw.proxy_addr.to_string();
-    // `timeout` bounds the run; stdin from /dev/null makes s_client exit after the exchange.
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("timeout")
-            .args(["20", "openssl", "s_client", "-connect", &proxy])
+    // s_client prints what the pod sends; once the greeting is read (or 20 s passed), end the
+    // process we started.
+    let (stdout, stderr) = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Read};
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &proxy])
             .args(["-servername", "outbound_.8000_._.httpbin.bar.global"])
             .arg("-cert")
             .arg(d.join("cert.pem"))
@@ -790,16 +792,26 @@ async fn openssl_s_client_reaches_the_pod() {
                 "httpbin.bar.svc.cluster.local",
             ])
             .arg("-quiet")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = String::new();
+            let _ = std::io::BufReader::new(out).read_line(&mut first);
+            let _ = tx.send(first);
+        });
+        let first = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        (first, err)
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("pod=httpbin-a"),
-        "stdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(stdout.trim(), "pod=httpbin-a", "stderr: {stderr}");
 }
