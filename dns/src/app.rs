@@ -1,0 +1,213 @@
+//! Wiring: the config source, the table writer, the UDP and TCP listeners, the admin endpoints.
+//! Tests start a whole [`Dns`] in-process on 127.0.0.1 port 0.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hickory_server::Server;
+use prometheus_client::registry::Registry;
+use registry::SnapshotHandle;
+use registry::admin::{self, Readiness};
+use registry::source::dir::{DirError, watch_dir};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::server::{Handler, serve_udp};
+use crate::table::{Table, TableOptions};
+
+/// Responses queued per TCP connection before hickory stops reading from it.
+const TCP_RESPONSE_BUFFER: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Source(#[from] DirError),
+    #[error(transparent)]
+    Bind(#[from] std::io::Error),
+}
+
+/// A running dns server.
+pub struct Dns {
+    /// UDP and TCP.
+    pub dns_addr: SocketAddr,
+    pub status_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub readiness: Readiness,
+    pub handler: Handler,
+    stop: CancellationToken,
+    tcp: Server<Handler>,
+    udp: Vec<tokio::task::JoinHandle<()>>,
+    source: tokio::task::JoinHandle<()>,
+}
+
+impl Dns {
+    pub async fn start(config: Config) -> Result<Dns, StartError> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let dir = config.config_dir.clone().expect("validated");
+        let (snapshot, source) = watch_dir(dir, config.config_poll).await?;
+
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let stop = CancellationToken::new();
+        let table = spawn_table_writer(
+            snapshot.clone(),
+            config.table_options(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        let handler = Handler::new(table.clone(), metrics, config.max_udp_payload);
+
+        let (udp, tcp_listener) = bind_dns(config.listen).await?;
+        let dns_addr = udp.local_addr()?;
+        let status = admin::bind(config.status_listen, "readiness (--status-listen)").await?;
+        let metrics_l = admin::bind(config.metrics_listen, "metrics (--metrics-listen)").await?;
+        let admin_l = admin::bind(config.admin_listen, "admin (--admin-listen)").await?;
+        let (status_addr, metrics_addr, admin_addr) = (
+            status.local_addr()?,
+            metrics_l.local_addr()?,
+            admin_l.local_addr()?,
+        );
+
+        let readiness = Readiness::default();
+        admin::spawn_http(
+            status,
+            admin::status_router(readiness.clone()),
+            stop.clone(),
+        );
+        admin::spawn_http(
+            metrics_l,
+            admin::metrics_router(Arc::new(registry)),
+            stop.clone(),
+        );
+        let admin_state = crate::admin::AdminState {
+            config: config.clone(),
+            snapshot: snapshot.clone(),
+            table,
+        };
+        admin::spawn_http(admin_l, crate::admin::router(admin_state), stop.clone());
+
+        let udp = Arc::new(udp);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let udp_tasks = (0..workers)
+            .map(|_| tokio::spawn(serve_udp(udp.clone(), handler.clone(), stop.clone())))
+            .collect();
+        let mut tcp = Server::new(handler.clone());
+        tcp.register_listener(tcp_listener, config.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+
+        snapshot.wait_synced().await;
+        readiness.set(true);
+        info!(listen = %dns_addr, zones = ?config.zones, "dns ready (UDP and TCP)");
+        Ok(Dns {
+            dns_addr,
+            status_addr,
+            metrics_addr,
+            admin_addr,
+            readiness,
+            handler,
+            stop,
+            tcp,
+            udp: udp_tasks,
+            source,
+        })
+    }
+
+    /// Stop answering and close every listener. In-flight TCP queries finish first.
+    pub async fn shutdown(mut self) {
+        self.readiness.set(false);
+        self.stop.cancel();
+        if let Err(e) = self.tcp.shutdown_gracefully().await {
+            warn!(error = %e, "TCP server stopped with an error");
+        }
+        for task in self.udp {
+            let _ = task.await;
+        }
+        self.source.abort();
+    }
+}
+
+/// Bind UDP and TCP on one address. With port 0, find a port free for both.
+async fn bind_dns(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let explain = |e: std::io::Error, proto: &str, at: SocketAddr| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen on {at} ({proto}) for DNS (--listen): {e}; is another DNS server \
+                 running there, or does port 53 need CAP_NET_BIND_SERVICE?"
+            ),
+        )
+    };
+    let attempts = if addr.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|e| explain(e, "UDP", addr))?;
+        let at = udp.local_addr()?;
+        match TcpListener::bind(at).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some(explain(e, "TCP", at)),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for UDP and TCP")))
+}
+
+/// The single writer of the answer table: rebuilds it on every snapshot change, off the request
+/// path, and swaps it in whole. Conflicts and notes are logged when they change.
+fn spawn_table_writer(
+    snapshot: SnapshotHandle,
+    options: TableOptions,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> watch::Receiver<Arc<Table>> {
+    let mut changes = snapshot.subscribe();
+    let first = Table::build(&changes.borrow_and_update(), &options);
+    let mut reported = BTreeSet::new();
+    report(&first, &metrics, &mut reported);
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            let current = changes.borrow_and_update().clone();
+            let table = Table::build(&current, &options);
+            report(&table, &metrics, &mut reported);
+            info!(
+                version = table.version,
+                entries = table.entries_served,
+                names = table.names().len(),
+                conflicts = table.conflicts.len(),
+                "answer table updated"
+            );
+            if tx.send(Arc::new(table)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Log conflicts and notes that are new since the last table, and set the gauges.
+fn report(table: &Table, metrics: &Metrics, reported: &mut BTreeSet<String>) {
+    metrics.table_built(table);
+    let now: BTreeSet<String> = table
+        .conflicts
+        .iter()
+        .map(|c| c.to_string())
+        .chain(table.notes.iter().cloned())
+        .collect();
+    for line in now.difference(reported) {
+        warn!("{line}");
+    }
+    *reported = now;
+}

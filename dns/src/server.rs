@@ -1,0 +1,203 @@
+//! The sockets, around the pure [`crate::respond`] decision.
+//!
+//! - UDP is our own receive loop (one per core, on one socket): decode with hickory-server's
+//!   `Request`, decide, encode within the client's EDNS size (TC when it does not fit), send.
+//!   No task per datagram, and every datagram that is not a query is counted before it is
+//!   dropped or answered FORMERR.
+//! - TCP is hickory-server's `Server` (framing, idle timeout, per-connection tasks) calling
+//!   [`Handler`] through its `RequestHandler` trait.
+//!
+//! Both read the current table with one `Arc` clone; nothing is locked across an `.await`.
+
+use std::iter;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hickory_proto::op::{Header, HeaderCounts, MessageType, OpCode, ResponseCode};
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::respond::{self, Malformed, Reply, form_error, qtype_label, rcode_label};
+use crate::table::Table;
+
+/// Largest datagram read. Queries are small; anything longer is cut and then fails to decode.
+const UDP_RECV_BUFFER: usize = 4096;
+
+/// Answers queries from the current table. Cheap to clone.
+#[derive(Clone)]
+pub struct Handler {
+    table: watch::Receiver<Arc<Table>>,
+    metrics: Arc<Metrics>,
+    max_udp_payload: u16,
+}
+
+impl Handler {
+    pub fn new(
+        table: watch::Receiver<Arc<Table>>,
+        metrics: Arc<Metrics>,
+        max_udp_payload: u16,
+    ) -> Handler {
+        Handler {
+            table,
+            metrics,
+            max_udp_payload,
+        }
+    }
+
+    /// The table answers come from right now.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.borrow().clone()
+    }
+
+    /// One datagram in, at most one out. Never panics, whatever the bytes.
+    pub fn handle_datagram(&self, raw: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+        let start = Instant::now();
+        let request = match Request::from_bytes(raw.to_vec(), src, Protocol::Udp) {
+            Ok(r) => r,
+            Err(e) => {
+                let (why, reply) = form_error(raw);
+                debug!(%src, error = %e, reason = why.as_str(), "malformed datagram");
+                self.metrics.malformed(why.as_str());
+                return reply;
+            }
+        };
+        let table = self.table();
+        let Some(reply) = respond::respond(&table, &request, self.max_udp_payload) else {
+            self.metrics.malformed(Malformed::Response.as_str());
+            return None;
+        };
+        // No EDNS: 512 bytes (RFC 1035). With EDNS: the client's size, up to our own limit.
+        let limit = request.max_payload().min(self.max_udp_payload);
+        let bytes = match respond::encode(&reply, &request.queries, limit) {
+            Ok((bytes, header)) => {
+                if header.truncation {
+                    self.metrics.truncated.inc();
+                }
+                self.observe(&reply, header.response_code, "udp", start);
+                bytes
+            }
+            Err(e) => {
+                debug!(%src, error = %e, "cannot encode an answer");
+                let (_, servfail) = encode_servfail(&request);
+                self.observe(&reply, ResponseCode::ServFail, "udp", start);
+                servfail?
+            }
+        };
+        Some(bytes)
+    }
+
+    fn observe(
+        &self,
+        reply: &Reply<'_>,
+        rcode: ResponseCode,
+        protocol: &'static str,
+        start: Instant,
+    ) {
+        self.metrics.observe(
+            qtype_label(reply.qtype),
+            rcode_label(rcode),
+            protocol,
+            start.elapsed(),
+        );
+    }
+}
+
+fn encode_servfail(request: &Request) -> (ResponseCode, Option<Vec<u8>>) {
+    let mut metadata = hickory_proto::op::Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    let reply = Reply {
+        metadata,
+        answers: std::borrow::Cow::Borrowed(&[]),
+        authorities: &[],
+        additionals: &[],
+        edns: None,
+        qtype: None,
+    };
+    let bytes = respond::encode(&reply, &request.queries, 512)
+        .ok()
+        .map(|(b, _)| b);
+    (ResponseCode::ServFail, bytes)
+}
+
+/// The TCP path: hickory-server's `Server` decodes a framed message and calls this.
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let start = Instant::now();
+        let table = self.table();
+        let Some(reply) = respond::respond(&table, request, self.max_udp_payload) else {
+            self.metrics.malformed(Malformed::Response.as_str());
+            return no_response(request);
+        };
+        let response = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
+            reply.metadata,
+            reply.answers.iter(),
+            reply.authorities.iter(),
+            iter::empty(),
+            reply.additionals.iter(),
+        );
+        match response_handle.send_response(response).await {
+            Ok(info) => {
+                self.observe(&reply, info.response_code, "tcp", start);
+                info
+            }
+            Err(e) => {
+                debug!(src = %request.src(), error = %e, "cannot send a TCP answer");
+                self.observe(&reply, ResponseCode::ServFail, "tcp", start);
+                no_response(request)
+            }
+        }
+    }
+}
+
+/// What hickory's server wants back when nothing was sent.
+fn no_response(request: &Request) -> ResponseInfo {
+    let mut metadata =
+        hickory_proto::op::Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+/// Serve queries on a UDP socket until `stop`. Run several on one socket to use more cores.
+pub async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, stop: CancellationToken) {
+    let mut buf = vec![0u8; UDP_RECV_BUFFER];
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        let (len, src) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors from earlier sends can surface here; the socket is still good.
+                debug!(error = %e, "UDP receive error");
+                continue;
+            }
+        };
+        if src.port() == 0 || src.ip().is_unspecified() {
+            handler.metrics.malformed("bad_source");
+            continue;
+        }
+        let Some(reply) = handler.handle_datagram(&buf[..len], src) else {
+            continue;
+        };
+        if let Err(e) = socket.send_to(&reply, src).await {
+            debug!(%src, error = %e, "UDP send failed");
+        }
+    }
+}
