@@ -201,3 +201,82 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, stop: Cancellat
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::Message;
+    use registry::source::dir::snapshot_from_yaml;
+
+    use super::*;
+    use crate::table::TableOptions;
+
+    fn handler() -> Handler {
+        let yaml = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: h, \
+                    namespace: bar}\nspec:\n  hosts: [httpbin.bar.global, '*.w.global']\n  \
+                    addresses: [240.0.0.2, 'fd00::2']\n  ports: [{number: 80, name: http}]\n";
+        let options = TableOptions {
+            zones: vec!["global".into()],
+            ttl: 30,
+            vip_v4: None,
+            vip_v6: None,
+        };
+        let table = Table::build(&snapshot_from_yaml(yaml), &options);
+        let (_, rx) = watch::channel(Arc::new(table));
+        let mut registry = prometheus_client::registry::Registry::default();
+        Handler::new(rx, Arc::new(Metrics::new(&mut registry)), 1232)
+    }
+
+    /// The fuzz target's invariants (dns/fuzz), on a bounded stream of random and mutated
+    /// datagrams, so every `cargo test` exercises them.
+    #[test]
+    fn random_and_mutated_datagrams_never_panic_and_get_well_formed_replies() {
+        let h = handler();
+        let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let seeds: Vec<Vec<u8>> = [
+            ("httpbin.bar.global.", hickory_proto::rr::RecordType::A),
+            ("x.w.global.", hickory_proto::rr::RecordType::AAAA),
+            (
+                "_http._tcp.httpbin.bar.global.",
+                hickory_proto::rr::RecordType::SRV,
+            ),
+            ("global.", hickory_proto::rr::RecordType::SOA),
+        ]
+        .iter()
+        .map(|(n, t)| {
+            let mut m = Message::query();
+            m.add_query(hickory_proto::op::Query::query(n.parse().unwrap(), *t));
+            m.to_vec().unwrap()
+        })
+        .collect();
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..20_000 {
+            let mut packet = seeds[i % seeds.len()].clone();
+            match next() % 4 {
+                0 => packet = (0..next() % 600).map(|_| next() as u8).collect(),
+                1 => packet.truncate(next() as usize % (packet.len() + 1)),
+                _ => {
+                    for _ in 0..1 + next() % 4 {
+                        let at = next() as usize % packet.len();
+                        packet[at] = next() as u8;
+                    }
+                }
+            }
+            let Some(reply) = h.handle_datagram(&packet, src) else {
+                continue;
+            };
+            assert!(reply.len() <= 1232, "{packet:?}");
+            let reply = Message::from_vec(&reply).expect("our reply decodes");
+            assert_eq!(reply.metadata.message_type, MessageType::Response);
+            assert_eq!(
+                reply.metadata.id,
+                u16::from_be_bytes([packet[0], packet[1]])
+            );
+        }
+    }
+}
