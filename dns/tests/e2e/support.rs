@@ -224,14 +224,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Whether an external tool is installed. Missing: skip with a reason, unless CI=true, where
-/// the environment promises it and its absence is a failure.
+/// Whether an external tool is installed (on PATH or in /usr/sbin, where dnsmasq lives).
+/// Missing: skip with a reason, unless CI=true, where the environment promises it and its
+/// absence is a failure.
 pub fn tool(name: &str) -> bool {
-    let found = std::process::Command::new("sh")
+    let on_path = std::process::Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
+    let found = on_path || Path::new("/usr/sbin").join(name).exists();
     if !found {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true");
         assert!(
@@ -241,4 +243,10 @@ pub fn tool(name: &str) -> bool {
         eprintln!("SKIPPED: {name} is not installed (apt-get install -y dnsutils dnsmasq)");
     }
     found
+}
+
+/// The command to run a tool found by [`tool`].
+pub fn tool_path(name: &str) -> std::path::PathBuf {
+    let sbin = Path::new("/usr/sbin").join(name);
+    if sbin.exists() { sbin } else { name.into() }
 }

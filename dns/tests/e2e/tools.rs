@@ -170,7 +170,7 @@ fn free_port(ip: &str) -> u16 {
 fn start_dnsmasq(ip: &str, upstream: SocketAddr) -> (Killed, SocketAddr) {
     for _ in 0..5 {
         let port = free_port(ip);
-        let mut child = Command::new("dnsmasq")
+        let mut child = Command::new(tool_path("dnsmasq"))
             .args([
                 "--no-daemon",
                 "--no-resolv",
