@@ -105,7 +105,14 @@ impl Dns {
 
         snapshot.wait_synced().await;
         readiness.set(true);
-        info!(listen = %dns_addr, zones = ?config.zones, "dns ready (UDP and TCP)");
+        info!(
+            listen = %dns_addr,
+            status = %status_addr,
+            metrics = %metrics_addr,
+            admin = %admin_addr,
+            zones = ?config.zones,
+            "dns ready (UDP and TCP)"
+        );
         Ok(Dns {
             dns_addr,
             status_addr,

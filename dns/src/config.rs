@@ -84,6 +84,12 @@ pub struct Config {
     #[arg(long, env = "DNS_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
     pub admin_listen: SocketAddr,
 
+    /// On SIGTERM, keep answering this long with readiness 503, so the Service's endpoints (and
+    /// CoreDNS's forwarders) move away before the sockets close.
+    #[arg(long, env = "DNS_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "duration_str")]
+    pub drain_duration: Duration,
+
     /// Log format.
     #[arg(long, env = "DNS_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
@@ -206,6 +212,7 @@ impl Config {
         c.status_listen = local;
         c.metrics_listen = local;
         c.admin_listen = local;
+        c.drain_duration = Duration::ZERO;
         c
     }
 }

@@ -8,9 +8,12 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_logging(config.log_format);
     tracing::info!(config = %serde_json::to_string(&config)?, "starting dns");
+    let drain = config.drain_duration;
     let dns = Dns::start(config).await.context("dns failed to start")?;
     wait_for_signal().await;
-    tracing::info!("termination signal received");
+    tracing::info!(?drain, "termination signal received: draining");
+    dns.readiness.set(false);
+    tokio::time::sleep(drain).await;
     dns.shutdown().await;
     Ok(())
 }

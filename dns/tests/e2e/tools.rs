@@ -54,8 +54,14 @@ fn status(dig_output: &str) -> &str {
         .unwrap_or("no reply")
 }
 
-/// Start the real binary on 127.0.0.1 port 0; its address comes from its JSON "ready" log line.
-fn start_binary(dir: &std::path::Path) -> (Killed, SocketAddr) {
+/// Addresses the binary logged when ready.
+struct Addrs {
+    dns: SocketAddr,
+    status: SocketAddr,
+}
+
+/// Start the real binary on 127.0.0.1 port 0; its addresses come from its JSON "ready" log line.
+fn start_binary(dir: &std::path::Path, extra: &[&str]) -> (Killed, Addrs) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dns"))
         .args([
             "--config-dir",
@@ -63,6 +69,7 @@ fn start_binary(dir: &std::path::Path) -> (Killed, SocketAddr) {
             "--log-format",
             "json",
         ])
+        .args(extra)
         .args(["--listen", "127.0.0.1:0", "--status-listen", "127.0.0.1:0"])
         .args([
             "--metrics-listen",
@@ -83,7 +90,11 @@ fn start_binary(dir: &std::path::Path) -> (Killed, SocketAddr) {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("dns ready") {
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let _ = tx.send(v["listen"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+                let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                let _ = tx.send(Addrs {
+                    dns: addr("listen"),
+                    status: addr("status"),
+                });
             }
         }
     });
@@ -106,7 +117,8 @@ async fn dig_against_the_binary_as_a_new_user_would() {
         big.join(", ")
     );
     std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
-    let (_dns, addr) = start_binary(dir.path());
+    let (_dns, addrs) = start_binary(dir.path(), &[]);
+    let addr = addrs.dns;
 
     let out = dig(addr, &["httpbin.bar.global"]).await;
     assert_eq!(status(&out), "NOERROR", "{out}");
@@ -153,6 +165,37 @@ async fn dig_against_the_binary_as_a_new_user_would() {
         || async { dig(addr, &["+short", "httpbin.bar.global"]).await.trim() == "240.0.0.77" },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), FIXTURE).unwrap();
+    let (mut dns, addrs) = start_binary(dir.path(), &["--drain-duration", "2s"]);
+    assert_eq!(http_get(addrs.status, "/healthz/ready").await.0, 200);
+    let pid = dns.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    eventually("readiness turns 503", Duration::from_secs(5), || async {
+        http_get(addrs.status, "/healthz/ready").await.0 == 503
+    })
+    .await;
+    // Draining: still answering while load balancers move away.
+    let r = udp(addrs.dns, &query("httpbin.bar.global.", RecordType::A)).await;
+    assert_eq!(a_records(&r), ["240.0.0.2"]);
+    let exited = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = dns.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(exited.expect("exited after the drain").success());
 }
 
 /// A port free for UDP and TCP on `ip`. Another process could take it before dnsmasq binds;
