@@ -1,0 +1,97 @@
+//! The sidecar stand-in, as a command: `call` makes calls the way an Istio sidecar would and
+//! prints the path as JSON; `get` and `connect` are probes for tests inside network namespaces.
+
+use std::net::SocketAddr;
+
+use clap::{Parser, Subcommand};
+use kind_tests::client::{CallOptions, run};
+use kind_tests::pki::{Identity, client_config};
+
+#[derive(Parser, Debug)]
+#[command(about, long_about = None)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Resolve the host, fetch its endpoints over xDS, call it `--count` times; print JSON.
+    Call {
+        #[arg(long)]
+        dns: SocketAddr,
+        #[arg(long)]
+        xds: SocketAddr,
+        /// The client's network (sent as node metadata NETWORK).
+        #[arg(long)]
+        network: String,
+        /// e.g. httpbin.bar.global
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[arg(long)]
+        subset: Option<String>,
+        /// Directory with the client's cert-chain.pem, key.pem, root-cert.pem.
+        #[arg(long)]
+        identity: std::path::PathBuf,
+        /// The server identity to verify (a DNS name in the server's certificate).
+        #[arg(long)]
+        expect: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// HTTP GET a URL path on an address; prints the status code and body.
+    Get { addr: SocketAddr, path: String },
+    /// Try a TCP connection; prints `connected` or the error, exits 0 either way.
+    Connect { addr: SocketAddr },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Cmd::Call {
+            dns,
+            xds,
+            network,
+            host,
+            port,
+            subset,
+            identity,
+            expect,
+            count,
+        } => {
+            let tls = client_config(&Identity { dir: identity }, &expect)?;
+            let opts = CallOptions {
+                dns,
+                xds,
+                network,
+                host,
+                port,
+                subset,
+            };
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as u64;
+            let report = run(&opts, tls, count, seed).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Cmd::Get { addr, path } => {
+            let (code, body) = kind_tests::mesh::http_get(addr, &path)?;
+            println!("{code}\n{body}");
+        }
+        Cmd::Connect { addr } => {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            match r {
+                Ok(Ok(_)) => println!("connected"),
+                Ok(Err(e)) => println!("error: {e}"),
+                Err(_) => println!("error: timed out"),
+            }
+        }
+    }
+    Ok(())
+}
