@@ -1,7 +1,7 @@
 //! The shared object model of the mesh, and the sources that fill it.
 //!
 //! ```text
-//!  YAML directory (--config-dir)        Kubernetes API (later: kube watch)
+//!  YAML directory (--config-dir)        Kubernetes API (source::kube: list/watch)
 //!            \                                   /
 //!             objects::Object  (Service, EndpointSlice, Pod, Secret,
 //!                               ServiceEntry, DestinationRule, ServiceExport)

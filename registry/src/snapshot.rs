@@ -43,6 +43,37 @@ pub struct SourceStatus {
     pub skipped: Vec<String>,
     /// Notes about how conflicts were resolved (duplicate objects, competing subsets).
     pub warnings: Vec<String>,
+    /// Kubernetes source: when it last lost the API server (RFC 3339), while it has not
+    /// reached it again. The snapshot keeps serving the last-known objects meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_since: Option<String>,
+    /// Kubernetes source: when the last watch event arrived (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<String>,
+    /// Kubernetes source: the state of every watch (one per kind and namespace).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub watches: Vec<WatchStatus>,
+}
+
+/// The state of one Kubernetes watch, as `/config_dump` shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WatchStatus {
+    pub kind: String,
+    /// The namespace watched, or `*` for all.
+    pub namespace: String,
+    /// The `apiVersion` served by the cluster and used; empty while not known.
+    pub api_version: String,
+    /// `listing`, `watching`, `crd not installed`, or `retrying`.
+    pub state: String,
+    /// The first full list is done (a kind whose CRD is not installed counts as synced, empty).
+    pub synced: bool,
+    pub objects: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -155,7 +186,11 @@ pub fn labels_match(selector: &Labels, labels: &Labels) -> bool {
 
 impl Snapshot {
     /// Build a snapshot from deduplicated objects. Problems are recorded in `status.warnings`.
-    pub fn build(objects: &[Object], mut status: SourceStatus) -> Snapshot {
+    pub fn build<'a>(
+        objects: impl IntoIterator<Item = &'a Object>,
+        mut status: SourceStatus,
+    ) -> Snapshot {
+        let mut count = 0;
         let mut services = Vec::new();
         let mut slices = Vec::new();
         let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
@@ -164,6 +199,7 @@ impl Snapshot {
         let mut entries = Vec::new();
         let mut secrets = BTreeMap::new();
         for object in objects {
+            count += 1;
             match object {
                 Object::Service(s) => services.push(s.as_ref()),
                 Object::EndpointSlice(s) => slices.push(s.as_ref()),
@@ -190,7 +226,7 @@ impl Snapshot {
         attach_slices(&mut services, &slices, &pods, &mut status.warnings);
         attach_subsets(&mut services, &mut rules, &mut status.warnings);
         entries.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        status.objects = objects.len();
+        status.objects = count;
         Snapshot {
             services,
             service_entries: entries,

@@ -2,6 +2,7 @@
 //! cheap [`SnapshotHandle`] and never lock.
 
 pub mod dir;
+pub mod kube;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use crate::snapshot::Snapshot;
 pub struct SnapshotHandle {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     synced: watch::Receiver<bool>,
+    healthy: watch::Receiver<bool>,
 }
 
 /// The writer's side, held by exactly one source task.
@@ -22,20 +24,24 @@ pub struct SnapshotHandle {
 pub struct SnapshotWriter {
     snapshot: watch::Sender<Arc<Snapshot>>,
     synced: watch::Sender<bool>,
+    healthy: watch::Sender<bool>,
 }
 
 /// A writer and its first reader, starting from an empty, unsynced snapshot.
 pub fn channel() -> (SnapshotWriter, SnapshotHandle) {
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (synced_tx, synced_rx) = watch::channel(false);
+    let (healthy_tx, healthy_rx) = watch::channel(true);
     (
         SnapshotWriter {
             snapshot: snapshot_tx,
             synced: synced_tx,
+            healthy: healthy_tx,
         },
         SnapshotHandle {
             snapshot: snapshot_rx,
             synced: synced_rx,
+            healthy: healthy_rx,
         },
     )
 }
@@ -52,6 +58,18 @@ impl SnapshotWriter {
     pub fn current(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
     }
+
+    /// Say whether the source currently reaches what it reads. An unhealthy source keeps its
+    /// last snapshot serving; readers may mark it stale.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy
+            .send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
+    }
+
+    /// Resolves once every reader (every [`SnapshotHandle`] clone) is gone: the source can stop.
+    pub async fn closed(&self) {
+        self.snapshot.closed().await
+    }
 }
 
 impl SnapshotHandle {
@@ -67,6 +85,11 @@ impl SnapshotHandle {
 
     pub fn is_synced(&self) -> bool {
         *self.synced.borrow()
+    }
+
+    /// `true` while the source reaches what it reads (a directory source always does).
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
     }
 
     /// Wait until the first full sync is done (returns at once if it is).
