@@ -1,4 +1,4 @@
-//! Wiring: the config source, the route-table writer, the listeners, and graceful termination.
+//! Wiring: the config source (a directory, or the Kubernetes API), the route-table writer, the listeners, and graceful termination.
 //! Tests start a whole [`Gateway`] in-process on 127.0.0.1 port 0.
 
 use std::net::SocketAddr;
@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use registry::SnapshotHandle;
 use registry::admin::{self, Readiness};
 use registry::source::dir::{DirError, watch_dir};
+use registry::source::kube::{self as kube_source, KubeError, KubeSource, KubeSourceConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +27,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Source(#[from] DirError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     Bind(#[from] std::io::Error),
 }
@@ -44,10 +48,9 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         config.validate()?;
         let config = Arc::new(config);
-        let dir = config.config_dir.clone().expect("validated");
-        let (snapshot, _source_task) = watch_dir(dir, config.config_poll).await?;
-
         let mut registry = Registry::default();
+        let (snapshot, kube) = start_source(&config, &mut registry).await?;
+
         let metrics = Arc::new(Metrics::new(&mut registry));
         let routes = spawn_route_writer(snapshot.clone(), config.route_options(), metrics.clone());
 
@@ -101,11 +104,31 @@ impl Gateway {
             metrics,
         ));
 
-        snapshot.wait_synced().await;
-        readiness.set(true);
-        info!(listen = %gateway_addrs.0, cluster = %config.cluster_id, "gateway ready");
-
+        // Ready once the source's first full sync is done (at once for a directory; for the
+        // API, after every watched kind has been listed). Start does not wait for it.
         let terminate = CancellationToken::new();
+        let ready_when_synced = {
+            let (snapshot, readiness, terminate) =
+                (snapshot.clone(), readiness.clone(), terminate.clone());
+            let listen = gateway_addrs.0;
+            let cluster = config.cluster_id.clone();
+            async move {
+                tokio::select! {
+                    _ = terminate.cancelled() => {}
+                    _ = snapshot.wait_synced() => {
+                        readiness.set(true);
+                        info!(%listen, %cluster, "gateway ready");
+                    }
+                }
+            }
+        };
+        if snapshot.is_synced() {
+            ready_when_synced.await;
+        } else {
+            info!("waiting for the first full sync of the Kubernetes API before reporting ready");
+            tokio::spawn(ready_when_synced);
+        }
+
         let done = tokio::spawn(lifecycle(
             terminate.clone(),
             readiness.clone(),
@@ -115,6 +138,12 @@ impl Gateway {
             conn_stop,
             admin_stop,
         ));
+        let done = tokio::spawn(async move {
+            let _ = done.await;
+            if let Some(source) = kube {
+                source.shutdown().await;
+            }
+        });
         Ok(Gateway {
             proxy_addr: gateway_addrs.0,
             status_addr: gateway_addrs.1,
@@ -136,6 +165,29 @@ impl Gateway {
     pub async fn wait(self) {
         let _ = self.done.await;
     }
+}
+
+/// The directory source with --config-dir, else the Kubernetes API.
+async fn start_source(
+    config: &Config,
+    registry: &mut Registry,
+) -> Result<(SnapshotHandle, Option<KubeSource>), StartError> {
+    if let Some(dir) = &config.config_dir {
+        let (handle, _task) = watch_dir(dir.clone(), config.config_poll).await?;
+        return Ok((handle, None));
+    }
+    let client = match &config.kubeconfig {
+        Some(path) => kube_source::client_from_kubeconfig_file(path).await?,
+        None => kube_source::client_infer().await?,
+    };
+    let metrics = Arc::new(kube_source::Metrics::new(registry));
+    let source_config = KubeSourceConfig::new(
+        &config.cluster_id,
+        KubeSourceConfig::GATEWAY_KINDS,
+        config.watch_namespaces.clone(),
+    );
+    let source = KubeSource::start(client, source_config, metrics);
+    Ok((source.handle.clone(), Some(source)))
 }
 
 fn settings(config: &Config) -> Settings {

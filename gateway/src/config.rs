@@ -24,10 +24,23 @@ use crate::route::{ExportPolicy, RouteOptions};
 #[command(name = "gateway", version, about, long_about)]
 pub struct Config {
     /// Read Services, EndpointSlices, Pods, ServiceExports and DestinationRules from YAML files
-    /// in this directory (Kubernetes shapes; watched and reloaded without restart). Required
-    /// until the Kubernetes API source is available.
+    /// in this directory (Kubernetes shapes; watched and reloaded without restart) instead of
+    /// the Kubernetes API.
     #[arg(long, env = "GATEWAY_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
+
+    /// Without --config-dir: the kubeconfig to reach the Kubernetes API with (default:
+    /// in-cluster service account, else KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "GATEWAY_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Without --config-dir: watch only these namespaces (repeatable; default: all).
+    #[arg(
+        long = "watch-namespace",
+        env = "GATEWAY_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub watch_namespaces: Vec<String>,
 
     /// How often the config directory is checked for changes.
     #[arg(long, env = "GATEWAY_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
@@ -150,16 +163,31 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         match &self.config_dir {
-            None => errors.push(
-                "--config-dir is required: the Kubernetes API source is not available yet; \
-                 point it at a directory of Service/EndpointSlice/ServiceExport YAML"
-                    .to_string(),
-            ),
+            None => {}
             Some(d) if !d.is_dir() => errors.push(format!(
                 "--config-dir {}: not a directory; does it exist?",
                 d.display()
             )),
+            Some(_) if self.kubeconfig.is_some() || !self.watch_namespaces.is_empty() => errors
+                .push(
+                    "--kubeconfig and --watch-namespace apply to the Kubernetes API source; \
+                     drop them or drop --config-dir"
+                        .into(),
+                ),
             Some(_) => {}
+        }
+        if let Some(k) = &self.kubeconfig
+            && !k.is_file()
+        {
+            errors.push(format!(
+                "--kubeconfig {}: not a file; does it exist?",
+                k.display()
+            ));
+        }
+        for ns in &self.watch_namespaces {
+            if !registry::naming::is_dns1123_label(ns) {
+                errors.push(format!("--watch-namespace {ns:?} is not a namespace name"));
+            }
         }
         for (flag, value) in [
             ("--global-suffix", &self.global_suffix),
@@ -231,8 +259,20 @@ impl Config {
 
     /// A config for tests: everything on 127.0.0.1 port 0, short timers.
     pub fn for_tests(config_dir: PathBuf) -> Config {
-        let mut c = Config::parse_from(["gateway"]);
+        let mut c = Config::for_tests_without_source();
         c.config_dir = Some(config_dir);
+        c
+    }
+
+    /// A config for tests reading the Kubernetes API through this kubeconfig.
+    pub fn for_tests_with_kubeconfig(kubeconfig: PathBuf) -> Config {
+        let mut c = Config::for_tests_without_source();
+        c.kubeconfig = Some(kubeconfig);
+        c
+    }
+
+    fn for_tests_without_source() -> Config {
+        let mut c = Config::parse_from(["gateway"]);
         c.config_poll = Duration::from_millis(50);
         let local = SocketAddr::from(([127, 0, 0, 1], 0));
         c.listen = local;
@@ -296,8 +336,10 @@ mod tests {
         c.connect_attempts = 0;
         c.metrics_listen = c.status_listen;
         let e = c.validate().unwrap_err();
-        assert_eq!(e.0.len(), 4, "{e}");
-        assert!(e.to_string().contains("--config-dir is required"));
+        c.watch_namespaces = vec!["Not_A_Namespace".into()];
+        assert_eq!(e.0.len(), 3, "{e}");
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("--watch-namespace"), "{e}");
         assert!(
             e.to_string()
                 .contains("--status-listen and --metrics-listen")
