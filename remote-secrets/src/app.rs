@@ -16,13 +16,15 @@ use tracing::{info, warn};
 use crate::admin::{AdminState, router};
 use crate::clusters::{ClusterSource, Clusters};
 use crate::config::{ExportPolicy, ServeConfig};
+use crate::connector::KubeConnector;
 use crate::eds::{self, EdsOptions};
 use crate::mesh_networks::{MeshNetworks, MeshNetworksError};
 use crate::metrics::{ClusterMetrics, XdsMetrics};
-use crate::secrets::{
-    self, PendingKubernetesSource, RemoteConnector, SecretsController, SecretsStatus,
-};
+use crate::secrets::{self, MULTICLUSTER_LABEL, RemoteConnector, SecretsController, SecretsStatus};
 use crate::xds::{self, TlsFiles, XdsError, XdsService};
+use registry::source::kube::{
+    self as kube_source, KubeError, KubeSource, KubeSourceConfig, SecretSelector,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -30,6 +32,8 @@ pub enum AppError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Dir(#[from] registry::source::dir::DirError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     MeshNetworks(#[from] MeshNetworksError),
     #[error(transparent)]
@@ -58,8 +62,9 @@ pub struct App {
 }
 
 impl App {
+    /// Start; remote clusters from kubeconfig Secrets are watched through the Kubernetes API.
     pub async fn start(config: ServeConfig) -> Result<App, AppError> {
-        Self::start_with(config, Arc::new(PendingKubernetesSource)).await
+        Self::start_inner(config, None).await
     }
 
     /// Start with a given connector for kubeconfig Secrets.
@@ -67,10 +72,24 @@ impl App {
         config: ServeConfig,
         connector: Arc<dyn RemoteConnector>,
     ) -> Result<App, AppError> {
+        Self::start_inner(config, Some(connector)).await
+    }
+
+    async fn start_inner(
+        config: ServeConfig,
+        connector: Option<Arc<dyn RemoteConnector>>,
+    ) -> Result<App, AppError> {
         config.validate()?;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut registry = Registry::default();
+        let source_metrics = Arc::new(kube_source::Metrics::new(&mut registry));
+        let connector = connector.unwrap_or_else(|| {
+            Arc::new(KubeConnector::new(
+                source_metrics.clone(),
+                config.watch_namespaces.clone(),
+            ))
+        });
         let xds_metrics = Arc::new(XdsMetrics::new(&mut registry));
         let cluster_metrics = Arc::new(ClusterMetrics::new(&mut registry));
         let readiness = Readiness::default();
@@ -100,16 +119,43 @@ impl App {
             stop.clone(),
         );
 
-        // Local cluster.
-        let dir = config.config_dir.clone().unwrap_or_default();
-        let (local, t) = watch_dir(dir.clone(), config.config_poll).await?;
-        tasks.push(t);
+        // Local cluster: a directory, else the Kubernetes API (with the kubeconfig Secrets).
+        let (local, local_source) = match &config.config_dir {
+            Some(dir) => {
+                let (local, t) = watch_dir(dir.clone(), config.config_poll).await?;
+                tasks.push(t);
+                (
+                    local,
+                    ClusterSource::Local(format!("dir:{}", dir.display())),
+                )
+            }
+            None => {
+                let client = match &config.kubeconfig {
+                    Some(path) => kube_source::client_from_kubeconfig_file(path).await?,
+                    None => kube_source::client_infer().await?,
+                };
+                let mut source_config = KubeSourceConfig::new(
+                    &config.cluster_id,
+                    KubeSourceConfig::ALL_KINDS,
+                    config.watch_namespaces.clone(),
+                );
+                source_config.secrets = Some(SecretSelector {
+                    namespace: config.secrets_namespace.clone(),
+                    label_selector: format!("{MULTICLUSTER_LABEL}=true"),
+                });
+                let source = KubeSource::start(client, source_config, source_metrics.clone());
+                let (local, task) = source.into_parts();
+                tasks.push(task);
+                (local, ClusterSource::Local("kubernetes".into()))
+            }
+        };
+        let local_health = config.config_dir.is_none().then(|| local.health());
         clusters.attach(
             &config.cluster_id,
-            ClusterSource::Local(format!("dir:{}", dir.display())),
+            local_source,
             Some(config.network.clone()),
             local.clone(),
-            None,
+            local_health,
         );
         // File-backed remotes: a vanished directory marks the cluster stale.
         for r in &config.remote_config_dirs {

@@ -80,9 +80,23 @@ pub struct ServeConfig {
     pub network: String,
 
     /// The local cluster's objects as YAML (Services, EndpointSlices, Pods, DestinationRules,
-    /// ServiceExports, Secrets), watched. Required until the Kubernetes API source exists.
+    /// ServiceExports, Secrets), watched, instead of the Kubernetes API.
     #[arg(long, env = "REMOTE_SECRETS_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
+
+    /// Without --config-dir: the kubeconfig of the local cluster's API (default: in-cluster
+    /// service account, else KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "REMOTE_SECRETS_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Watch only these namespaces, locally and in remote clusters (repeatable; default: all).
+    /// Secrets are read in --secrets-namespace regardless.
+    #[arg(
+        long = "watch-namespace",
+        env = "REMOTE_SECRETS_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub watch_namespaces: Vec<String>,
 
     /// A file-backed remote cluster, `CLUSTER_ID=DIR` (repeatable).
     #[arg(
@@ -232,14 +246,28 @@ impl ServeConfig {
             errors.push("--network must not be empty".into());
         }
         match &self.config_dir {
-            None => errors.push(
-                "--config-dir is required: the Kubernetes API source is not available yet".into(),
-            ),
+            None => {}
             Some(d) if !d.is_dir() => errors.push(format!(
                 "--config-dir {}: not a directory; does it exist?",
                 d.display()
             )),
+            Some(_) if self.kubeconfig.is_some() => errors.push(
+                "--kubeconfig names the local cluster's API; drop it or drop --config-dir".into(),
+            ),
             Some(_) => {}
+        }
+        if let Some(k) = &self.kubeconfig
+            && !k.is_file()
+        {
+            errors.push(format!(
+                "--kubeconfig {}: not a file; does it exist?",
+                k.display()
+            ));
+        }
+        for ns in &self.watch_namespaces {
+            if !is_dns1123_label(ns) {
+                errors.push(format!("--watch-namespace {ns:?} is not a namespace name"));
+            }
         }
         let mut seen = vec![self.cluster_id.as_str()];
         for r in &self.remote_config_dirs {

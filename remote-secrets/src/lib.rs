@@ -1,9 +1,11 @@
 //! remote-secrets: the multi-cluster control plane (split-horizon EDS over xDS).
 //!
 //! ```text
-//!  --config-dir (local)  --remote-config-dir ID=DIR   Secrets istio/multiCluster=true
+//!  local: --config-dir   --remote-config-dir ID=DIR   Secrets istio/multiCluster=true
+//!  or the Kubernetes API
 //!          |                      |                         | secrets.rs: validate, hash,
-//!          |                      |                         | RemoteConnector (kube: issue 4)
+//!          |                      |                         | connector.rs: kube source
+//!          |                      |                         | per remote, switched once synced
 //!          v                      v                         v
 //!   clusters.rs: one aggregator task, the single writer of watch<Arc<MeshView>>
 //!          (every cluster's snapshot + state, meshNetworks, DNS cache, resolved gateways)
@@ -23,6 +25,7 @@ pub mod app;
 pub mod certs;
 pub mod clusters;
 pub mod config;
+pub mod connector;
 pub mod eds;
 pub mod kubeconfig;
 pub mod mesh_networks;

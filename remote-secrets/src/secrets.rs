@@ -319,7 +319,8 @@ pub async fn run(
             Some(Event::Synced { cluster, hash, secret, handle }) = rx.recv() => {
                 pending.remove(&cluster);
                 info!(%cluster, %secret, "remote cluster synced; switching to its new client");
-                clusters.attach(&cluster, ClusterSource::Secret(secret.to_string()), None, handle, None);
+                let health = Some(handle.health());
+                clusters.attach(&cluster, ClusterSource::Secret(secret.to_string()), None, handle, health);
                 controller.set_state(&cluster, hash, "watching");
             }
         }
