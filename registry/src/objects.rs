@@ -178,6 +178,8 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Pod(Box<Pod>),
+    /// A Pod read metadata-only (the Kubernetes source): a fifth of a `Pod`'s size.
+    PodMetadata(Box<ObjectMeta>),
     Secret(Box<Secret>),
     ServiceEntry(Box<ServiceEntry>),
     DestinationRule(Box<DestinationRule>),
@@ -247,7 +249,7 @@ impl Object {
         match self {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
-            Object::Pod(_) => Kind::Pod,
+            Object::Pod(_) | Object::PodMetadata(_) => Kind::Pod,
             Object::Secret(_) => Kind::Secret,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
             Object::DestinationRule(_) => Kind::DestinationRule,
@@ -260,6 +262,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
+            Object::PodMetadata(m) => m,
             Object::Secret(o) => &o.metadata,
             Object::ServiceEntry(o) => &o.metadata,
             Object::DestinationRule(o) => &o.metadata,

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::naming::{ServiceName, resolve_service_host};
 use crate::objects::{
-    DestinationRule, EndpointSlice, Object, ObjectMeta, Pod, Secret, Service, ServiceEntry,
+    DestinationRule, EndpointSlice, Object, ObjectMeta, Secret, Service, ServiceEntry,
     ServiceExport,
 };
 
@@ -193,7 +193,7 @@ impl Snapshot {
         let mut count = 0;
         let mut services = Vec::new();
         let mut slices = Vec::new();
-        let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
+        let mut pods: HashMap<(&str, &str), &ObjectMeta> = HashMap::new();
         let mut exports = Vec::new();
         let mut rules = Vec::new();
         let mut entries = Vec::new();
@@ -204,7 +204,13 @@ impl Snapshot {
                 Object::Service(s) => services.push(s.as_ref()),
                 Object::EndpointSlice(s) => slices.push(s.as_ref()),
                 Object::Pod(p) => {
-                    pods.insert((namespace_of(&p.metadata), name_of(&p.metadata)), p);
+                    pods.insert(
+                        (namespace_of(&p.metadata), name_of(&p.metadata)),
+                        &p.metadata,
+                    );
+                }
+                Object::PodMetadata(m) => {
+                    pods.insert((namespace_of(m), name_of(m)), m);
                 }
                 Object::ServiceExport(e) => exports.push(e.as_ref()),
                 Object::DestinationRule(r) => rules.push(r.as_ref()),
@@ -300,7 +306,7 @@ fn mark_exports(services: &mut BTreeMap<ServiceName, ServiceInfo>, exports: &[&S
 fn attach_slices(
     services: &mut BTreeMap<ServiceName, ServiceInfo>,
     slices: &[&EndpointSlice],
-    pods: &HashMap<(&str, &str), &Pod>,
+    pods: &HashMap<(&str, &str), &ObjectMeta>,
     warnings: &mut Vec<String>,
 ) {
     for slice in slices {
@@ -343,9 +349,7 @@ fn attach_slices(
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| Some((r.namespace.as_deref().unwrap_or(ns), r.name.as_deref()?)));
             let pod = pod_ref.and_then(|k| pods.get(&k));
-            let labels: Labels = pod
-                .and_then(|p| p.metadata.labels.clone())
-                .unwrap_or_default();
+            let labels: Labels = pod.and_then(|m| m.labels.clone()).unwrap_or_default();
             let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
             let locality = Locality {
                 region: label("topology.kubernetes.io/region"),

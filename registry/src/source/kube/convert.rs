@@ -132,10 +132,7 @@ pub fn endpoint_slice(e: EndpointSlice) -> Object {
 }
 
 pub fn pod(p: PartialObjectMeta<Pod>) -> Object {
-    Object::Pod(Box::new(Pod {
-        metadata: trim_meta(p.metadata, false),
-        ..Pod::default()
-    }))
+    Object::PodMetadata(Box::new(trim_meta(p.metadata, false)))
 }
 
 pub fn secret(s: Secret) -> Object {
