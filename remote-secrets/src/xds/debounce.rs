@@ -21,14 +21,16 @@ pub struct Generation {
 
 /// A channel holding generation 1 (the current view) and the task that feeds it.
 pub fn start(
-    views: watch::Receiver<Arc<MeshView>>,
+    mut views: watch::Receiver<Arc<MeshView>>,
     quiet: Duration,
     max: Duration,
     stop: CancellationToken,
 ) -> watch::Receiver<Arc<Generation>> {
     let first = Generation {
         version: 1,
-        view: views.borrow().clone(),
+        // Mark what the first generation holds as seen here, not in the task: a change that
+        // lands before the task runs must still produce a generation.
+        view: views.borrow_and_update().clone(),
         published: Instant::now(),
     };
     let (tx, rx) = watch::channel(Arc::new(first));
@@ -47,7 +49,6 @@ async fn run(
     quiet: Duration,
     max: Duration,
 ) {
-    views.borrow_and_update();
     loop {
         if views.changed().await.is_err() {
             return;
@@ -102,6 +103,26 @@ mod tests {
         // Nothing more was published for the burst.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!gens.has_changed().unwrap());
+    }
+
+    /// A change sent right after `start`, before its task first runs, is not lost (seen in
+    /// the network-namespace test as a remote cluster's first sync never reaching clients).
+    #[tokio::test(start_paused = true)]
+    async fn a_change_before_the_task_runs_is_published() {
+        let (tx, rx) = watch::channel(view(0));
+        let mut gens = start(
+            rx,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            CancellationToken::new(),
+        );
+        tx.send_replace(view(1));
+        gens.borrow_and_update();
+        tokio::time::timeout(Duration::from_secs(5), gens.changed())
+            .await
+            .expect("a generation for the change")
+            .unwrap();
+        assert_eq!(gens.borrow().view.version, 1);
     }
 
     #[tokio::test(start_paused = true)]
