@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_rustls::TlsConnector;
@@ -47,7 +47,7 @@ pub enum ClientError {
 }
 
 /// One endpoint of the EDS answer, as the client's network sees it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EdsEndpoint {
     pub address: SocketAddr,
     pub weight: u32,
@@ -56,7 +56,7 @@ pub struct EdsEndpoint {
 }
 
 /// What the answering pod said.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Answer {
     pub pod: String,
     pub cluster: String,
@@ -78,7 +78,9 @@ pub async fn resolve(server: SocketAddr, host: &str) -> Result<Vec<IpAddr>, Clie
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let sock = UdpSocket::bind(bind).await.map_err(|e| err(e.to_string()))?;
+    let sock = UdpSocket::bind(bind)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     let mut buf = vec![0u8; 4096];
     for _attempt in 0..3 {
         sock.send_to(&bytes, server)
@@ -237,8 +239,8 @@ pub async fn call(
         let tcp = TcpStream::connect(endpoint)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let name = rustls::pki_types::ServerName::try_from(sni.to_string())
-            .map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
         let stream = TlsConnector::from(tls)
             .connect(name, tcp)
             .await
@@ -303,7 +305,9 @@ mod tests {
     #[test]
     fn picks_by_weight() {
         let eps = [ep(1, 1), ep(2, 3)];
-        let picks: Vec<u16> = (0..4).map(|r| pick(&eps, r).unwrap().address.port()).collect();
+        let picks: Vec<u16> = (0..4)
+            .map(|r| pick(&eps, r).unwrap().address.port())
+            .collect();
         assert_eq!(picks, [1, 2, 2, 2]);
         assert!(pick(&[], 1).is_none());
     }
@@ -330,10 +334,12 @@ pub struct CallOptions {
     pub host: String,
     pub port: u16,
     pub subset: Option<String>,
+    /// Skip EDS and call this address (a client that ignores the control plane).
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// The path of a batch of calls: name -> VIP -> EDS view -> chosen endpoints -> pods.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PathReport {
     pub host: String,
     pub vip: Vec<IpAddr>,
@@ -343,7 +349,7 @@ pub struct PathReport {
     pub calls: Vec<CallResult>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CallResult {
     pub endpoint: Option<SocketAddr>,
     pub answer: Option<Answer>,
@@ -366,7 +372,14 @@ pub async fn run(
     }
     .to_string();
     let sni = registry::naming::format_outbound_sni(opts.port, subset, &opts.host);
-    let eds = fetch_eds(opts.xds, &opts.network, &cluster).await?;
+    let eds = match opts.endpoint {
+        Some(address) => vec![EdsEndpoint {
+            address,
+            weight: 1,
+            locality: "(given)".into(),
+        }],
+        None => fetch_eds(opts.xds, &opts.network, &cluster).await?,
+    };
     let mut rng = seed | 1;
     let mut calls = Vec::with_capacity(count);
     for _ in 0..count {

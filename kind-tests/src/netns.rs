@@ -100,11 +100,21 @@ impl Topology {
             }
             // A veth pair created in the WAN namespace, one end moved into the cluster.
             let port = format!("p{}", i + 1);
-            ip(&["-n", &wan, "link", "add", &port, "type", "veth", "peer", "name", "eth0"])?;
+            ip(&[
+                "-n", &wan, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            ])?;
             ip(&["-n", &wan, "link", "set", "eth0", "netns", &ns])?;
             ip(&["-n", &wan, "link", "set", &port, "master", "wan0"])?;
             ip(&["-n", &wan, "link", "set", &port, "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", wan_addr(i)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", wan_addr(i)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         }
         Ok(topo)

@@ -118,25 +118,31 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// A sidecar-like client: presents its identity, verifies the server against the shared root
 /// and the expected service name (`<svc>.<ns>.svc.cluster.local`), whatever SNI it sends.
 pub fn client_config(id: &Identity, expect: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots(&id.root())?, provider())
-        .build()?;
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(roots(&id.root())?, provider()).build()?;
     let expect = ServerName::try_from(expect.to_string())?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServiceIdentity { verifier, expect }))
-        .with_client_auth_cert(certs(&id.cert_chain())?, PrivateKeyDer::from_pem_file(id.key())?)?;
+        .with_client_auth_cert(
+            certs(&id.cert_chain())?,
+            PrivateKeyDer::from_pem_file(id.key())?,
+        )?;
     Ok(Arc::new(config))
 }
 
 /// A sidecar-like server: requires a client certificate chaining to the shared root.
 pub fn server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&id.root())?, provider())
-        .build()?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(&id.root())?, provider()).build()?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(&id.cert_chain())?, PrivateKeyDer::from_pem_file(id.key())?)?;
+        .with_single_cert(
+            certs(&id.cert_chain())?,
+            PrivateKeyDer::from_pem_file(id.key())?,
+        )?;
     Ok(Arc::new(config))
 }
 

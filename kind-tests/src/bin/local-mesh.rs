@@ -101,10 +101,16 @@ async fn main() -> anyhow::Result<()> {
     pki::make_cas(&bins.control, &certs, &["cluster-1", "cluster-2"])?;
     let mesh_networks = work.join("mesh-networks.yaml");
     std::fs::write(&mesh_networks, mesh::mesh_networks_yaml(&clusters))?;
-    let dirs: Vec<PathBuf> = clusters.iter().map(|c| work.join(&c.id).join("config")).collect();
+    let dirs: Vec<PathBuf> = clusters
+        .iter()
+        .map(|c| work.join(&c.id).join("config"))
+        .collect();
     for (i, c) in clusters.iter().enumerate() {
         std::fs::create_dir_all(&dirs[i])?;
-        std::fs::write(dirs[i].join("mesh.yaml"), mesh::cluster_yaml(&services, &pods[i]))?;
+        std::fs::write(
+            dirs[i].join("mesh.yaml"),
+            mesh::cluster_yaml(&services, &pods[i]),
+        )?;
         for p in &pods[i] {
             let id = pki::workload(
                 &bins.control,
@@ -157,9 +163,11 @@ async fn main() -> anyhow::Result<()> {
             let status = SocketAddr::new(addr, mesh::STATUS_PORT);
             let p = &mut procs[i * 3 + j];
             let name = p.name.clone();
-            let waited = mesh::wait_until(&format!("{name} to be ready"), Duration::from_secs(20), || {
-                matches!(mesh::http_get(status, "/healthz/ready"), Ok((200, _)))
-            });
+            let waited = mesh::wait_until(
+                &format!("{name} to be ready"),
+                Duration::from_secs(20),
+                || matches!(mesh::http_get(status, "/healthz/ready"), Ok((200, _))),
+            );
             if let Err(e) = waited {
                 anyhow::bail!("{e}; it logged:\n{}", p.log_tail());
             }
@@ -179,8 +187,16 @@ async fn main() -> anyhow::Result<()> {
     let mut failures = 0;
     let mut summary: BTreeMap<String, usize> = BTreeMap::new();
     for (host, subset, expect) in [
-        ("helloworld.sample.global", None, "helloworld.sample.svc.cluster.local"),
-        ("helloworld.sample.global", Some("v2"), "helloworld.sample.svc.cluster.local"),
+        (
+            "helloworld.sample.global",
+            None,
+            "helloworld.sample.svc.cluster.local",
+        ),
+        (
+            "helloworld.sample.global",
+            Some("v2"),
+            "helloworld.sample.svc.cluster.local",
+        ),
         ("httpbin.bar.global", None, "httpbin.bar.svc.cluster.local"),
     ] {
         let opts = CallOptions {
@@ -190,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
             host: host.into(),
             port: mesh::SERVICE_PORT,
             subset: subset.map(str::to_string),
+            endpoint: None,
         };
         let tls = pki::client_config(&client_id, expect)?;
         // The remote view can lag the first sync by a debounce: retry briefly.
@@ -211,15 +228,34 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("\n== running; Ctrl-C to stop. Try:");
     for c in &clusters {
-        println!("   curl -s http://{}:{}/config_dump           # {} gateway", c.gateway, mesh::ADMIN_PORT, c.id);
+        println!(
+            "   curl -s http://{}:{}/config_dump           # {} gateway",
+            c.gateway,
+            mesh::ADMIN_PORT,
+            c.id
+        );
         println!(
             "   curl -s 'http://{}:{}/debug/explain?sni=outbound_.8000_._.helloworld.sample.global'",
             c.gateway,
             mesh::ADMIN_PORT
         );
-        println!("   curl -s 'http://{}:{}/debug/explain?host=httpbin.bar.global&network={}'   # {} EDS", c.control, mesh::ADMIN_PORT, c.network, c.id);
-        println!("   dig @{} -p {} httpbin.bar.global", c.dns.ip(), c.dns.port());
-        println!("   curl -s http://{}:{}/metrics", c.gateway, mesh::METRICS_PORT);
+        println!(
+            "   curl -s 'http://{}:{}/debug/explain?host=httpbin.bar.global&network={}'   # {} EDS",
+            c.control,
+            mesh::ADMIN_PORT,
+            c.network,
+            c.id
+        );
+        println!(
+            "   dig @{} -p {} httpbin.bar.global",
+            c.dns.ip(),
+            c.dns.port()
+        );
+        println!(
+            "   curl -s http://{}:{}/metrics",
+            c.gateway,
+            mesh::METRICS_PORT
+        );
     }
     println!("   logs: {}", work.display());
     tokio::signal::ctrl_c().await?;
@@ -233,8 +269,17 @@ async fn eventually_report(
 ) -> anyhow::Result<PathReport> {
     let mut last = None;
     for attempt in 0..50u64 {
-        match run(opts, tls.clone(), calls, attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed).await {
-            Ok(r) if !r.eds.is_empty() && r.calls.iter().all(|c| c.error.is_none()) => return Ok(r),
+        match run(
+            opts,
+            tls.clone(),
+            calls,
+            attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed,
+        )
+        .await
+        {
+            Ok(r) if !r.eds.is_empty() && r.calls.iter().all(|c| c.error.is_none()) => {
+                return Ok(r);
+            }
             Ok(r) => last = Some(r),
             Err(e) => tracing::debug!(error = %e, "not yet"),
         }
@@ -244,7 +289,11 @@ async fn eventually_report(
 }
 
 /// Print name -> VIP -> EDS view -> endpoint -> pod for each call; returns the failures.
-fn print_path(r: &PathReport, clusters: &[ClusterLayout], summary: &mut BTreeMap<String, usize>) -> usize {
+fn print_path(
+    r: &PathReport,
+    clusters: &[ClusterLayout],
+    summary: &mut BTreeMap<String, usize>,
+) -> usize {
     let vip: Vec<String> = r.vip.iter().map(|v| v.to_string()).collect();
     println!("{}  ->  VIP {}  (dns)", r.host, vip.join(", "));
     println!("   EDS {} as seen from network1:", r.cluster);
@@ -265,8 +314,13 @@ fn print_path(r: &PathReport, clusters: &[ClusterLayout], summary: &mut BTreeMap
                     .find(|c| c.gateway_addr() == *ep)
                     .map(|c| format!("{}'s gateway", c.id))
                     .unwrap_or_else(|| "direct".into());
-                println!("   SNI {}  ->  {ep} ({via})  ->  {} in {}", r.sni, a.pod, a.cluster);
-                *summary.entry(format!("{} ({})", a.pod, a.cluster)).or_default() += 1;
+                println!(
+                    "   SNI {}  ->  {ep} ({via})  ->  {} in {}",
+                    r.sni, a.pod, a.cluster
+                );
+                *summary
+                    .entry(format!("{} ({})", a.pod, a.cluster))
+                    .or_default() += 1;
             }
             (_, _, Some(e)) => {
                 println!("   FAILED: {e}");
@@ -305,7 +359,15 @@ fn binaries() -> anyhow::Result<Binaries> {
         .any(|c| c.as_os_str() == "release");
     println!("== building gateway, dns and remote-secrets");
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "gateway", "-p", "dns", "-p", "remote-secrets"]);
+    cmd.args([
+        "build",
+        "-p",
+        "gateway",
+        "-p",
+        "dns",
+        "-p",
+        "remote-secrets",
+    ]);
     if release {
         cmd.arg("--release");
     }

@@ -40,6 +40,16 @@ enum Cmd {
         expect: String,
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// Skip EDS and call this address directly (to probe what a gateway accepts).
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
+    },
+    /// Resolve a name (A) through a DNS server; prints one address per line.
+    Resolve {
+        #[arg(long)]
+        dns: SocketAddr,
+        #[arg(long)]
+        host: String,
     },
     /// HTTP GET a URL path on an address; prints the status code and body.
     Get { addr: SocketAddr, path: String },
@@ -60,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
             identity,
             expect,
             count,
+            endpoint,
         } => {
             let tls = client_config(&Identity { dir: identity }, &expect)?;
             let opts = CallOptions {
@@ -69,12 +80,18 @@ async fn main() -> anyhow::Result<()> {
                 host,
                 port,
                 subset,
+                endpoint,
             };
             let seed = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_nanos() as u64;
             let report = run(&opts, tls, count, seed).await?;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Cmd::Resolve { dns, host } => {
+            for ip in kind_tests::client::resolve(dns, &host).await? {
+                println!("{ip}");
+            }
         }
         Cmd::Get { addr, path } => {
             let (code, body) = kind_tests::mesh::http_get(addr, &path)?;
