@@ -16,9 +16,9 @@ pub struct Ejection {
     /// Consecutive connect failures that eject an endpoint.
     pub after_failures: u32,
     /// First ejection time; doubles with each further ejection, up to `max`.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub base: Duration,
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub max: Duration,
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use registry::Cidr;
 use registry::admin::LogFormat;
+use registry::cli::parse_duration;
 use serde::Serialize;
 
 use crate::balance::Ejection;
@@ -44,7 +45,7 @@ pub struct Config {
 
     /// How often the config directory is checked for changes.
     #[arg(long, env = "GATEWAY_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub config_poll: Duration,
 
     /// TLS passthrough listener.
@@ -103,12 +104,12 @@ pub struct Config {
 
     /// How long to wait for a complete ClientHello.
     #[arg(long, env = "GATEWAY_PEEK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub peek_timeout: Duration,
 
     /// Connect timeout to one endpoint.
     #[arg(long, env = "GATEWAY_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub connect_timeout: Duration,
 
     /// Endpoints tried per connection before giving up (the first and up to N-1 others).
@@ -121,17 +122,17 @@ pub struct Config {
 
     /// First ejection time; doubles on each further ejection.
     #[arg(long, env = "GATEWAY_EJECT_BASE", default_value = "5s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub eject_base: Duration,
 
     /// Longest ejection time.
     #[arg(long, env = "GATEWAY_EJECT_MAX", default_value = "2m", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub eject_max: Duration,
 
     /// Close a connection after this long with no byte in either direction.
     #[arg(long, env = "GATEWAY_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub idle_timeout: Duration,
 
     /// Most connections at once; further ones are closed at accept (default: no limit).
@@ -140,13 +141,13 @@ pub struct Config {
 
     /// On SIGTERM, keep accepting this long with readiness 503 so load balancers move away.
     #[arg(long, env = "GATEWAY_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub drain_duration: Duration,
 
     /// After the drain, how long in-flight connections may continue before they are closed.
     /// Set the pod's terminationGracePeriodSeconds above drain + this.
     #[arg(long, env = "GATEWAY_TERMINATION_DEADLINE", default_value = "30s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub termination_deadline: Duration,
 
     /// Log format.
@@ -225,13 +226,7 @@ impl Config {
             ("--metrics-listen", self.metrics_listen),
             ("--admin-listen", self.admin_listen),
         ];
-        for (i, (a, x)) in listeners.iter().enumerate() {
-            for (b, y) in &listeners[i + 1..] {
-                if x == y && x.port() != 0 {
-                    errors.push(format!("{a} and {b} are both {x}"));
-                }
-            }
-        }
+        registry::cli::check_distinct_listeners(&listeners, &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -284,23 +279,6 @@ impl Config {
     }
 }
 
-/// `1h`, `30s`, `500ms`, `2m`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s, 2m or 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
-    }
-}
-
 fn display_seq<S: serde::Serializer, T: std::fmt::Display>(
     v: &[T],
     s: S,
@@ -308,27 +286,9 @@ fn display_seq<S: serde::Serializer, T: std::fmt::Display>(
     s.collect_seq(v.iter().map(|x| x.to_string()))
 }
 
-/// Durations serialized as `1500ms`.
-pub mod duration_str {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{}ms", d.as_millis()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("ms").is_err());
-    }
 
     #[test]
     fn reports_every_problem_at_once() {

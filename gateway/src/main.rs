@@ -11,20 +11,11 @@ async fn main() -> anyhow::Result<()> {
     let gateway = Gateway::start(config)
         .await
         .context("gateway failed to start")?;
-    wait_for_signal().await;
+    registry::cli::termination_signal().await;
     tracing::info!("termination signal received");
     gateway.begin_termination();
     gateway.wait().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// Each spliced connection holds two sockets and up to two pipes: lift the soft descriptor

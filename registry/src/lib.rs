@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod cidr;
+pub mod cli;
 pub mod naming;
 pub mod objects;
 pub mod snapshot;

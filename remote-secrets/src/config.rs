@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use registry::admin::LogFormat;
+use registry::cli::parse_duration;
 use registry::naming::is_dns1123_label;
 use serde::Serialize;
 
@@ -108,7 +109,7 @@ pub struct ServeConfig {
 
     /// How often config directories and the mesh networks file are checked for changes.
     #[arg(long, env = "REMOTE_SECRETS_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub config_poll: Duration,
 
     /// Where kubeconfig Secrets (label istio/multiCluster=true) are read.
@@ -161,17 +162,17 @@ pub struct ServeConfig {
 
     /// Quiet time before a burst of changes is pushed.
     #[arg(long, env = "REMOTE_SECRETS_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub debounce: Duration,
 
     /// Longest a burst may delay a push.
     #[arg(long, env = "REMOTE_SECRETS_DEBOUNCE_MAX", default_value = "1s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub debounce_max: Duration,
 
     /// How often gateway host names are resolved again.
     #[arg(long, env = "REMOTE_SECRETS_DNS_REFRESH", default_value = "30s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub dns_refresh: Duration,
 
     /// Which remote services count (see the gateway's flag of the same name).
@@ -343,13 +344,7 @@ impl ServeConfig {
         if self.tls_enabled() {
             listeners.push(("--xds-tls-listen", self.xds_tls_listen));
         }
-        for (i, (a, x)) in listeners.iter().enumerate() {
-            for (b, y) in &listeners[i + 1..] {
-                if x == y && x.port() != 0 {
-                    errors.push(format!("{a} and {b} are both {x}"));
-                }
-            }
-        }
+        registry::cli::check_distinct_listeners(&listeners, &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -389,32 +384,6 @@ impl ServeConfig {
         c.metrics_listen = local;
         c.admin_listen = local;
         *c
-    }
-}
-
-/// `1h`, `30s`, `500ms`, `2m`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s, 2m or 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
-    }
-}
-
-mod duration_str {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{}ms", d.as_millis()))
     }
 }
 

@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
             let app = App::start(*config)
                 .await
                 .context("remote-secrets failed to start")?;
-            wait_for_signal().await;
+            registry::cli::termination_signal().await;
             tracing::info!("termination signal received");
             app.stop();
             app.wait().await;
@@ -32,13 +32,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
