@@ -100,15 +100,13 @@ fn kube_kubeconfig(c: &ClientConfig) -> Result<kube::config::Kubeconfig, Connect
             serde_json::json!({"username": username, "password": password})
         }
         Auth::None => serde_json::json!({}),
-        Auth::Exec { command } => {
-            return Err(failed(format!(
-                "the kubeconfig runs {command:?}; exec credentials are allowed by \
-                 --allow-kubeconfig-exec but this connector does not run them; use a token"
-            )));
-        }
+        // Only reachable with --allow-kubeconfig-exec: the client runs the command for
+        // credentials, as kubectl does.
+        Auth::Exec { spec, .. } => serde_json::json!({"exec": spec}),
         Auth::AuthProvider { name } => {
             return Err(failed(format!(
-                "auth-provider {name:?} is not supported by this connector; use a token"
+                "auth-provider {name:?} (a deprecated kubectl plugin) is not supported; \
+                 use a token or an exec credential"
             )));
         }
     };
@@ -145,12 +143,28 @@ mod tests {
         assert_eq!(cluster.server.as_deref(), Some("https://10.0.0.1:6443"));
         assert!(cluster.certificate_authority_data.is_some());
         assert_eq!(k.current_context.as_deref(), Some("remote"));
+        // Allowed by --allow-kubeconfig-exec: the exec block reaches the client unchanged.
         let exec = ClientConfig {
             auth: Auth::Exec {
                 command: "aws".into(),
+                spec: serde_json::json!({
+                    "apiVersion": "client.authentication.k8s.io/v1beta1",
+                    "command": "aws", "args": ["eks", "get-token"]}),
             },
+            ..c.clone()
+        };
+        let k = kube_kubeconfig(&exec).unwrap();
+        let user = k.auth_infos[0].auth_info.as_ref().unwrap();
+        let e = user.exec.as_ref().expect("exec config");
+        assert_eq!(e.command.as_deref(), Some("aws"));
+        assert_eq!(
+            e.args.as_deref(),
+            Some(&["eks".to_string(), "get-token".to_string()][..])
+        );
+        let ap = ClientConfig {
+            auth: Auth::AuthProvider { name: "gcp".into() },
             ..c
         };
-        assert!(kube_kubeconfig(&exec).is_err());
+        assert!(kube_kubeconfig(&ap).is_err());
     }
 }

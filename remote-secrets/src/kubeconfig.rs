@@ -125,9 +125,12 @@ pub enum Auth {
         #[serde(skip)]
         password: String,
     },
-    /// Allowed only with `--allow-kubeconfig-exec`.
+    /// Allowed only with `--allow-kubeconfig-exec`. `spec` is the kubeconfig's `exec` block,
+    /// handed to the Kubernetes client as it is.
     Exec {
         command: String,
+        #[serde(skip)]
+        spec: serde_json::Value,
     },
     /// Allowed only with `--allow-kubeconfig-exec`.
     AuthProvider {
@@ -142,7 +145,7 @@ impl std::fmt::Debug for Auth {
             Auth::Token(_) => f.write_str("Token(<redacted>)"),
             Auth::ClientCertificate { .. } => f.write_str("ClientCertificate(<redacted>)"),
             Auth::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
-            Auth::Exec { command } => write!(f, "Exec({command})"),
+            Auth::Exec { command, .. } => write!(f, "Exec({command})"),
             Auth::AuthProvider { name } => write!(f, "AuthProvider({name})"),
             Auth::None => f.write_str("None"),
         }
@@ -273,7 +276,10 @@ pub fn client_config(
         if !allow_exec {
             return Err(refused(format!("exec: {command}")));
         }
-        Auth::Exec { command }
+        Auth::Exec {
+            command,
+            spec: exec.clone(),
+        }
     } else if let Some(p) = &u.auth_provider {
         let name = p
             .get("name")
@@ -388,7 +394,8 @@ users:
         assert_eq!(
             client_config(&k, None, true, false).unwrap().auth,
             Auth::Exec {
-                command: "aws".into()
+                command: "aws".into(),
+                spec: serde_json::json!({"command": "aws", "args": ["eks", "get-token"]}),
             }
         );
         let ap = istioctl_kubeconfig("c", "https://h").replace(
