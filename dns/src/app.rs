@@ -1,4 +1,5 @@
-//! Wiring: the config source, the table writer, the UDP and TCP listeners, the admin endpoints.
+//! Wiring: the config source (a directory, or the Kubernetes API), the table writer, the UDP
+//! and TCP listeners, the admin endpoints.
 //! Tests start a whole [`Dns`] in-process on 127.0.0.1 port 0.
 
 use std::collections::BTreeSet;
@@ -9,7 +10,9 @@ use hickory_server::Server;
 use prometheus_client::registry::Registry;
 use registry::SnapshotHandle;
 use registry::admin::{self, Readiness};
+use registry::objects::Kind;
 use registry::source::dir::{DirError, watch_dir};
+use registry::source::kube::{self as kube_source, KubeError, KubeSource, KubeSourceConfig};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +32,11 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Source(#[from] DirError),
+    /// The cause follows in the error's source chain (as `anyhow` prints it).
+    #[error(
+        "cannot start the Kubernetes API source for ServiceEntries (used without --config-dir)"
+    )]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     Bind(#[from] std::io::Error),
 }
@@ -45,27 +53,26 @@ pub struct Dns {
     stop: CancellationToken,
     tcp: Server<Handler>,
     udp: Vec<tokio::task::JoinHandle<()>>,
-    source: tokio::task::JoinHandle<()>,
+    source: Source,
+    /// Cancelled when draining starts: a first sync that lands later does not report ready.
+    draining: CancellationToken,
 }
+
+/// What feeds the snapshot; kept for the server's lifetime and stopped on shutdown.
+enum Source {
+    Dir(tokio::task::JoinHandle<()>),
+    Kube(KubeSource),
+}
+
+/// The ServiceEntries a dns server reads, and nothing else: its RBAC allows list/watch of
+/// `serviceentries` only.
+const DNS_KINDS: &[Kind] = &[Kind::ServiceEntry];
 
 impl Dns {
     pub async fn start(config: Config) -> Result<Dns, StartError> {
         config.validate()?;
         let config = Arc::new(config);
-        let dir = config.config_dir.clone().expect("validated");
-        let (snapshot, source) = watch_dir(dir, config.config_poll).await?;
-
-        let mut registry = Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut registry));
-        let stop = CancellationToken::new();
-        let table = spawn_table_writer(
-            snapshot.clone(),
-            config.table_options(),
-            metrics.clone(),
-            stop.clone(),
-        );
-        let handler = Handler::new(table.clone(), metrics, config.max_udp_payload);
-
+        // Listeners first: nothing is started (no API watches) when one cannot be bound.
         let (udp, tcp_listener) = bind_dns(config.listen).await?;
         let dns_addr = udp.local_addr()?;
         let status = admin::bind(config.status_listen, "readiness (--status-listen)").await?;
@@ -76,6 +83,19 @@ impl Dns {
             metrics_l.local_addr()?,
             admin_l.local_addr()?,
         );
+
+        let mut registry = Registry::default();
+        let (snapshot, source) = start_source(&config, &mut registry).await?;
+
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let stop = CancellationToken::new();
+        let table = spawn_table_writer(
+            snapshot.clone(),
+            config.table_options(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        let handler = Handler::new(table.clone(), metrics, config.max_udp_payload);
 
         let readiness = Readiness::default();
         admin::spawn_http(
@@ -103,16 +123,46 @@ impl Dns {
         let mut tcp = Server::new(handler.clone());
         tcp.register_listener(tcp_listener, config.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
 
-        snapshot.wait_synced().await;
-        readiness.set(true);
-        info!(
-            listen = %dns_addr,
-            status = %status_addr,
-            metrics = %metrics_addr,
-            admin = %admin_addr,
-            zones = ?config.zones,
-            "dns ready (UDP and TCP)"
-        );
+        // Ready once the source's first full sync is done: at once for a directory; for the
+        // API, after ServiceEntries have been listed. Start does not wait for the API: until
+        // then, names are answered from an empty table (NXDOMAIN) and readiness is 503.
+        let draining = CancellationToken::new();
+        let ready_when_synced = {
+            let (snapshot, readiness, draining) =
+                (snapshot.clone(), readiness.clone(), draining.clone());
+            let (status, metrics, admin) = (status_addr, metrics_addr, admin_addr);
+            let zones = config.zones.clone();
+            async move {
+                tokio::select! {
+                    _ = draining.cancelled() => {}
+                    _ = snapshot.wait_synced() => {
+                        readiness.set(true);
+                        if draining.is_cancelled() {
+                            readiness.set(false);
+                            return;
+                        }
+                        info!(
+                            listen = %dns_addr,
+                            %status,
+                            %metrics,
+                            %admin,
+                            ?zones,
+                            "dns ready (UDP and TCP)"
+                        );
+                    }
+                }
+            }
+        };
+        if snapshot.is_synced() {
+            ready_when_synced.await;
+        } else {
+            info!(
+                listen = %dns_addr,
+                "answering; waiting for the first full list of ServiceEntries from the \
+                 Kubernetes API before reporting ready"
+            );
+            tokio::spawn(ready_when_synced);
+        }
         Ok(Dns {
             dns_addr,
             status_addr,
@@ -124,12 +174,20 @@ impl Dns {
             tcp,
             udp: udp_tasks,
             source,
+            draining,
         })
     }
 
-    /// Stop answering and close every listener. In-flight TCP queries finish first.
-    pub async fn shutdown(mut self) {
+    /// Start draining, as SIGTERM does: readiness 503 (and it stays so), answers continue.
+    pub fn begin_drain(&self) {
+        self.draining.cancel();
         self.readiness.set(false);
+    }
+
+    /// Stop answering and close every listener. In-flight TCP queries finish first; then the
+    /// source is stopped.
+    pub async fn shutdown(mut self) {
+        self.begin_drain();
         self.stop.cancel();
         if let Err(e) = self.tcp.shutdown_gracefully().await {
             warn!(error = %e, "TCP server stopped with an error");
@@ -137,8 +195,39 @@ impl Dns {
         for task in self.udp {
             let _ = task.await;
         }
-        self.source.abort();
+        match self.source {
+            Source::Dir(task) => task.abort(),
+            Source::Kube(source) => source.shutdown().await,
+        }
     }
+}
+
+/// The directory source with --config-dir, else the Kubernetes API (ServiceEntries only).
+async fn start_source(
+    config: &Config,
+    registry: &mut Registry,
+) -> Result<(SnapshotHandle, Source), StartError> {
+    if let Some(dir) = &config.config_dir {
+        let (handle, task) = watch_dir(dir.clone(), config.config_poll).await?;
+        return Ok((handle, Source::Dir(task)));
+    }
+    let client = match &config.kubeconfig {
+        Some(path) => kube_source::client_from_kubeconfig_file(path).await?,
+        None => kube_source::client_infer().await?,
+    };
+    let metrics = Arc::new(kube_source::Metrics::new(registry));
+    let source_config = KubeSourceConfig::new(
+        &config.cluster_id,
+        DNS_KINDS,
+        config.watch_namespaces.clone(),
+    );
+    info!(
+        cluster = %config.cluster_id,
+        namespaces = ?config.watch_namespaces,
+        "reading ServiceEntries from the Kubernetes API"
+    );
+    let source = KubeSource::start(client, source_config, metrics);
+    Ok((source.handle.clone(), Source::Kube(source)))
 }
 
 /// Bind UDP and TCP on one address. With port 0, find a port free for both.

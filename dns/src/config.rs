@@ -18,13 +18,34 @@ use crate::table::TableOptions;
 /// `addresses`, or a stable VIP allocated from --vip-range when the entry has none. Names outside
 /// the zones are REFUSED: this is not an open resolver. Put it behind CoreDNS (or kube-dns) as the
 /// stub domain for each zone; see deploy/coredns/.
+///
+/// ServiceEntries come from the Kubernetes API (list/watch of networking.istio.io
+/// serviceentries, nothing else), or from a directory of YAML files with --config-dir.
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(name = "dns", version, about, long_about)]
 pub struct Config {
     /// Read ServiceEntry objects from YAML files in this directory (Kubernetes shapes; watched
-    /// and reloaded without restart). Required until the Kubernetes API source is available.
+    /// and reloaded without restart) instead of the Kubernetes API.
     #[arg(long, env = "DNS_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
+
+    /// Without --config-dir: the kubeconfig to reach the Kubernetes API with (default:
+    /// in-cluster service account, else KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "DNS_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Without --config-dir: watch ServiceEntries only in these namespaces (repeatable, or
+    /// comma-separated; default: all).
+    #[arg(
+        long = "watch-namespace",
+        env = "DNS_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub watch_namespaces: Vec<String>,
+
+    /// This cluster's id, for the Kubernetes source's metrics and /config_dump.
+    #[arg(long, env = "DNS_CLUSTER_ID", default_value = "cluster-1")]
+    pub cluster_id: String,
 
     /// How often the config directory is checked for changes.
     #[arg(long, env = "DNS_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
@@ -104,16 +125,39 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         match &self.config_dir {
-            None => errors.push(
-                "--config-dir (DNS_CONFIG_DIR) is required: the Kubernetes API source is not \
-                 available yet; point it at a directory of ServiceEntry YAML"
-                    .to_string(),
-            ),
+            // The Kubernetes API source.
+            None => {}
             Some(d) if !d.is_dir() => errors.push(format!(
                 "--config-dir {}: not a directory; does it exist?",
                 d.display()
             )),
+            Some(_) if self.kubeconfig.is_some() || !self.watch_namespaces.is_empty() => errors
+                .push(
+                    "--kubeconfig and --watch-namespace apply to the Kubernetes API source; \
+                     drop them or drop --config-dir"
+                        .into(),
+                ),
             Some(_) => {}
+        }
+        if let Some(k) = &self.kubeconfig
+            && !k.is_file()
+        {
+            errors.push(format!(
+                "--kubeconfig {}: not a file; does it exist?",
+                k.display()
+            ));
+        }
+        for ns in &self.watch_namespaces {
+            if !registry::naming::is_dns1123_label(ns) {
+                errors.push(format!("--watch-namespace {ns:?} is not a namespace name"));
+            }
+        }
+        if !registry::naming::is_dns1123_label(&self.cluster_id) {
+            errors.push(format!(
+                "--cluster-id {:?} is not a DNS label (lower-case letters, digits and `-`, \
+                 e.g. cluster-1)",
+                self.cluster_id
+            ));
         }
         if self.zones.is_empty() {
             errors.push("--zone: at least one zone is required (e.g. global)".into());
@@ -202,10 +246,22 @@ impl Config {
         }
     }
 
-    /// A config for tests: everything on 127.0.0.1 port 0, fast polling.
+    /// A config for tests reading this directory: everything on 127.0.0.1 port 0, fast polling.
     pub fn for_tests(config_dir: PathBuf) -> Config {
-        let mut c = Config::parse_from(["dns"]);
+        let mut c = Config::for_tests_without_source();
         c.config_dir = Some(config_dir);
+        c
+    }
+
+    /// A config for tests reading the Kubernetes API through this kubeconfig.
+    pub fn for_tests_with_kubeconfig(kubeconfig: PathBuf) -> Config {
+        let mut c = Config::for_tests_without_source();
+        c.kubeconfig = Some(kubeconfig);
+        c
+    }
+
+    fn for_tests_without_source() -> Config {
+        let mut c = Config::parse_from(["dns"]);
         c.config_poll = Duration::from_millis(50);
         let local = SocketAddr::from(([127, 0, 0, 1], 0));
         c.listen = local;
@@ -311,6 +367,57 @@ mod tests {
     }
 
     #[test]
+    fn without_a_config_dir_the_kubernetes_api_is_read() {
+        // No flags at all: in-cluster credentials (or KUBECONFIG), every namespace.
+        let c = Config::parse_from(["dns"]);
+        assert!(c.config_dir.is_none() && c.kubeconfig.is_none());
+        assert!(c.watch_namespaces.is_empty());
+        assert_eq!(c.cluster_id, "cluster-1");
+        c.validate().unwrap();
+
+        let d = tempfile::tempdir().unwrap();
+        let kubeconfig = d.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n").unwrap();
+        let c = Config::parse_from([
+            "dns",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--watch-namespace",
+            "bar",
+            "--watch-namespace",
+            "foo,baz",
+            "--cluster-id",
+            "east",
+        ]);
+        assert_eq!(c.watch_namespaces, ["bar", "foo", "baz"]);
+        c.validate().unwrap();
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            json["watch_namespaces"],
+            serde_json::json!(["bar", "foo", "baz"])
+        );
+        assert_eq!(json["cluster_id"], "east");
+    }
+
+    #[test]
+    fn kubernetes_flags_conflict_with_a_config_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Config::for_tests(d.path().to_path_buf());
+        c.watch_namespaces = vec!["bar".into()];
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(
+            e.to_string()
+                .contains("--kubeconfig and --watch-namespace apply to the Kubernetes API source"),
+            "{e}"
+        );
+
+        let c = Config::parse_from(["dns", "--cluster-id", "Not A Label"]);
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("--cluster-id"), "{e}");
+    }
+
+    #[test]
     fn reports_every_problem_at_once() {
         let mut c = Config::parse_from([
             "dns",
@@ -327,11 +434,13 @@ mod tests {
         ]);
         c.metrics_listen = c.status_listen;
         c.max_udp_payload = 100;
+        c.watch_namespaces = vec!["Not_A_Namespace".into()];
+        c.kubeconfig = Some(PathBuf::from("/nonexistent/kubeconfig"));
         let e = c.validate().unwrap_err();
         let text = e.to_string();
-        assert_eq!(e.0.len(), 8, "{text}");
-        assert!(text.contains("--config-dir (DNS_CONFIG_DIR) is required"));
-        assert!(text.contains("Kubernetes API source is not available yet"));
+        assert_eq!(e.0.len(), 9, "{text}");
+        assert!(text.contains("--kubeconfig /nonexistent/kubeconfig: not a file"));
+        assert!(text.contains("--watch-namespace \"Not_A_Namespace\" is not a namespace name"));
         assert!(text.contains("\"bad..zone\" is not a DNS name"));
         assert!(text.contains("--zone global is given twice"));
         assert!(text.contains("--vip-range fd00::/64 is not IPv4"));

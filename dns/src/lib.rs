@@ -1,7 +1,8 @@
 //! Authoritative DNS for the mesh's `.global` names, on hickory-server.
 //!
 //! ```text
-//!  config dir (ServiceEntry YAML) ─▶ registry snapshot (watch) ─▶ app.rs table writer
+//!  ServiceEntries: Kubernetes API (list/watch)
+//!    or --config-dir YAML ─────────▶ registry snapshot (watch) ─▶ app.rs table writer
 //!                                                                    │ table.rs: Table::build
 //!                                                                    │ (addresses, stable VIPs,
 //!                                                                    │  conflicts, wildcards, SRV)

@@ -9,18 +9,19 @@ async fn main() -> anyhow::Result<()> {
     init_logging(config.log_format);
     tracing::info!(config = %serde_json::to_string(&config)?, "starting dns");
     let drain = config.drain_duration;
+    // Installed before start: a SIGTERM right after `dns ready` is logged drains, not kills.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let dns = Dns::start(config).await.context("dns failed to start")?;
-    wait_for_signal().await;
+    wait_for_signal(&mut term).await;
     tracing::info!(?drain, "termination signal received: draining");
-    dns.readiness.set(false);
+    dns.begin_drain();
     tokio::time::sleep(drain).await;
     dns.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
+async fn wait_for_signal(term: &mut tokio::signal::unix::Signal) {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
