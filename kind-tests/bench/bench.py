@@ -298,6 +298,7 @@ class GatewayBench:
         self.a, self.tmp, self.procs, self.bins = a, tmp, procs, bins
         self.ports = {}
         self.running = {}
+        self.holds = 0
 
     # --- setup
     def setup(self):
@@ -419,12 +420,14 @@ class GatewayBench:
         time.sleep(0.5)
         pids = tree(self.running[peer].pid)
         base = rss_kib(pids)
-        h = self.procs.start(f"hold-{peer}", [sys.executable, f"{HERE}/holdconns.py", "--host",
+        self.holds += 1
+        tag = f"hold-{peer}-{n}-{self.holds}"  # a fresh log per run: its `ready` line is ours
+        h = self.procs.start(tag, [sys.executable, f"{HERE}/holdconns.py", "--host",
                                               "127.0.0.1", "--port", str(port), "--sni", SNI,
                                               "-n", str(n), "--timeout",
                                               str(self.a.idle_timeout), "--hold", "300"],
                              stdin=subprocess.PIPE)
-        logf = os.path.join(self.tmp, f"hold-{peer}.log")
+        logf = os.path.join(self.tmp, f"{tag}.log")
         got = None
         end = time.monotonic() + self.a.idle_timeout + 30
         while time.monotonic() < end and h.poll() is None:
@@ -449,11 +452,11 @@ class GatewayBench:
         return {"held": held, "failed": got[1], "rss_base_kib": base, "rss_after_kib": after,
                 "kib_per_conn": (after - base) / held if held else float("nan")}
 
-    def run(self, results):
+    def run(self, results, throughput=True, idle=True):
         self.setup()
         for p in self.PEERS:
             self.start_peer(p)
-        scens = ["keepalive", "newconn", "bulk"]
+        scens = ["keepalive", "newconn", "bulk"] if throughput else []
         peers = list(self.PEERS)
         for rep in range(self.a.reps):
             for scen in scens:
@@ -462,7 +465,7 @@ class GatewayBench:
                     log(f"gateway rep {rep + 1}/{self.a.reps} {scen} {peer}")
                     m = self.measure(scen, peer)
                     results.setdefault(scen, {}).setdefault(peer, []).append(m)
-        for n in self.a.idle_conns:
+        for n in self.a.idle_conns if idle else []:
             proxies = ["gateway", "nginx", "haproxy"]
             for rep in range(self.a.idle_reps):
                 order = proxies[rep % 3:] + proxies[:rep % 3]
@@ -744,10 +747,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin-dir", required=True)
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    ap.add_argument("--only", default="gateway,dns,eds")
+    ap.add_argument("--only", default="gateway,idle,dns,eds",
+                    help="gateway (throughput), idle (held-open connections), dns, eds")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8, help="seconds per gateway load run")
-    ap.add_argument("--idle-conns", default="1000,10000")
+    ap.add_argument("--idle-conns", default="1000,3000,10000")
     ap.add_argument("--idle-reps", type=int, default=2)
     ap.add_argument("--idle-timeout", type=int, default=180)
     ap.add_argument("--dns-duration", type=int, default=8)
@@ -766,8 +770,9 @@ def main():
     a.idle_conns = [int(x) for x in str(a.idle_conns).split(",") if x]
     only = set(a.only.split(","))
 
-    # Every proxied connection costs the proxy two descriptors: the held-open test needs about
-    # 2n. Raise the limit as far as allowed and cap n to fit (a container may cap the hard limit).
+    # Every proxied connection costs nginx and HAProxy two descriptors and the gateway six (two
+    # sockets and two pipes): the held-open test needs about 6n. Raise the limit as far as
+    # allowed and cap n to fit (a container may cap the hard limit), the same n for every peer.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 200000
     try:
@@ -775,7 +780,7 @@ def main():
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     a.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    cap = a.fd_limit // 2 - 300
+    cap = a.fd_limit // 6 - 300
     if any(n > cap for n in a.idle_conns):
         log(f"descriptor limit {a.fd_limit}: held-open connections capped at {cap}")
         a.idle_conns = sorted({min(n, cap) for n in a.idle_conns})
@@ -793,9 +798,9 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     failed = []
     try:
-        if "gateway" in only:
+        if "gateway" in only or "idle" in only:
             try:
-                GatewayBench(a, tmp, procs, bins).run(results)
+                GatewayBench(a, tmp, procs, bins).run(results, "gateway" in only, "idle" in only)
             except Exception as e:  # report what was measured, and why the rest was not
                 failed.append(f"gateway: {e}")
                 log(f"gateway bench failed: {e}")
