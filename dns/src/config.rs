@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use registry::Cidr;
 use registry::admin::LogFormat;
+use registry::cli::parse_duration;
 use serde::Serialize;
 
 use crate::table::TableOptions;
@@ -49,7 +50,7 @@ pub struct Config {
 
     /// How often the config directory is checked for changes.
     #[arg(long, env = "DNS_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub config_poll: Duration,
 
     /// DNS listener, UDP and TCP on the same address. With port 0 one free port is chosen for
@@ -68,7 +69,7 @@ pub struct Config {
 
     /// TTL of answers, and of the SOA used for negative caching.
     #[arg(long, env = "DNS_TTL", default_value = "30s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub ttl: Duration,
 
     /// IPv4 range VIPs are allocated from, for entries without `addresses`.
@@ -90,7 +91,7 @@ pub struct Config {
 
     /// Close a TCP connection that sends no query for this long.
     #[arg(long, env = "DNS_TCP_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub tcp_idle_timeout: Duration,
 
     /// `GET /healthz/ready`: 200 once the first config sync is done.
@@ -108,7 +109,7 @@ pub struct Config {
     /// On SIGTERM, keep answering this long with readiness 503, so the Service's endpoints (and
     /// CoreDNS's forwarders) move away before the sockets close.
     #[arg(long, env = "DNS_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
-    #[serde(with = "duration_str")]
+    #[serde(with = "registry::cli::duration_ms")]
     pub drain_duration: Duration,
 
     /// Log format.
@@ -218,13 +219,7 @@ impl Config {
             ("--metrics-listen", self.metrics_listen),
             ("--admin-listen", self.admin_listen),
         ];
-        for (i, (a, x)) in listeners.iter().enumerate() {
-            for (b, y) in &listeners[i + 1..] {
-                if x == y && x.port() != 0 {
-                    errors.push(format!("{a} and {b} are both {x}"));
-                }
-            }
-        }
+        registry::cli::check_distinct_listeners(&listeners, &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -290,23 +285,6 @@ pub fn normalize_zone(zone: &str) -> Option<String> {
     ok.then_some(z)
 }
 
-/// `1h`, `30s`, `500ms`, `2m`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s, 2m or 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
-    }
-}
-
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -318,14 +296,6 @@ fn display_opt<S: serde::Serializer, T: std::fmt::Display>(
     match v {
         Some(v) => s.collect_str(v),
         None => s.serialize_none(),
-    }
-}
-
-/// Durations serialized as `1500ms`.
-mod duration_str {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{}ms", d.as_millis()))
     }
 }
 

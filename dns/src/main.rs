@@ -10,22 +10,15 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&config)?, "starting dns");
     let drain = config.drain_duration;
     // Installed before start: a SIGTERM right after `dns ready` is logged drains, not kills.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    let mut term =
+        registry::cli::TerminationSignal::install().context("installing the SIGTERM handler")?;
     let dns = Dns::start(config).await.context("dns failed to start")?;
-    wait_for_signal(&mut term).await;
+    term.recv().await;
     tracing::info!(?drain, "termination signal received: draining");
     dns.begin_drain();
     tokio::time::sleep(drain).await;
     dns.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_signal(term: &mut tokio::signal::unix::Signal) {
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// As `registry::admin::init_logging`, but hickory-server's one-line-per-TCP-query log is kept at

@@ -8,10 +8,12 @@ async fn main() -> anyhow::Result<()> {
     registry::admin::init_logging(config.log_format);
     raise_fd_limit();
     tracing::info!(config = %serde_json::to_string(&config)?, "starting gateway");
+    let mut term =
+        registry::cli::TerminationSignal::install().context("installing the SIGTERM handler")?;
     let gateway = Gateway::start(config)
         .await
         .context("gateway failed to start")?;
-    registry::cli::termination_signal().await;
+    term.recv().await;
     tracing::info!("termination signal received");
     gateway.begin_termination();
     gateway.wait().await;

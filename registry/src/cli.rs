@@ -52,26 +52,32 @@ pub fn check_distinct_listeners(listeners: &[(&str, SocketAddr)], errors: &mut V
     }
 }
 
-/// Wait for SIGTERM (what Kubernetes sends) or Ctrl-C.
-pub async fn termination_signal() {
+/// SIGTERM (what Kubernetes sends) or Ctrl-C. Install it before starting anything: a SIGTERM
+/// that arrives before the handler exists kills the process instead of draining it.
+pub struct TerminationSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+    term: tokio::signal::unix::Signal,
+}
+
+impl TerminationSignal {
+    pub fn install() -> std::io::Result<TerminationSignal> {
+        Ok(TerminationSignal {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Wait for the signal.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -14,10 +14,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(config) => {
             registry::admin::init_logging(config.log_format);
             tracing::info!(config = %serde_json::to_string(&config)?, "starting remote-secrets");
+            let mut term = registry::cli::TerminationSignal::install()
+                .context("installing the SIGTERM handler")?;
             let app = App::start(*config)
                 .await
                 .context("remote-secrets failed to start")?;
-            registry::cli::termination_signal().await;
+            term.recv().await;
             tracing::info!("termination signal received");
             app.stop();
             app.wait().await;
