@@ -41,7 +41,9 @@ done
 
 if [ "${BENCH_NO_BUILD:-}" = "" ]; then
   echo "== cargo build --release" >&2
-  cargo build --release --quiet -p gateway -p dns -p remote-secrets -p kind-tests --bin eds-bench
+  # Two builds: `--bin` would restrict every selected package to that one binary.
+  cargo build --release --quiet -p gateway -p dns -p remote-secrets
+  cargo build --release --quiet -p kind-tests --bin eds-bench
 fi
 target=${BENCH_BIN_DIR:-$(cargo metadata --no-deps --format-version 1 |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release}
