@@ -751,7 +751,7 @@ def main():
                     help="gateway (throughput), idle (held-open connections), dns, eds")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8, help="seconds per gateway load run")
-    ap.add_argument("--idle-conns", default="1000,3000,10000")
+    ap.add_argument("--idle-conns", default="1000,10000")
     ap.add_argument("--idle-reps", type=int, default=2)
     ap.add_argument("--idle-timeout", type=int, default=180)
     ap.add_argument("--dns-duration", type=int, default=8)
