@@ -1,6 +1,9 @@
 //! Gateway metrics (Prometheus, via prometheus-client). Labels are bounded: services come from
 //! the route table, reasons from a fixed list; nothing the client sends becomes a label.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -46,6 +49,22 @@ pub struct Metrics {
     pub peek_seconds: Histogram,
     pub connect_seconds: Histogram,
     pub route_tables: Counter,
+    /// Each service's counters, resolved once: a connection takes one read lock here instead
+    /// of four label-set hashes and string copies.
+    services: RwLock<HashMap<registry::ServiceName, Arc<ServiceCounters>>>,
+}
+
+/// One service's counters (cheap clones of the families' entries).
+#[derive(Debug)]
+pub struct ServiceCounters {
+    pub opened: Counter,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
+    pub closed: Counter,
+    pub idle_timeout: Counter,
+    pub error: Counter,
+    pub connect_failures: Counter,
+    pub ejections: Counter,
 }
 
 impl Metrics {
@@ -62,6 +81,7 @@ impl Metrics {
             peek_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             route_tables: Counter::default(),
+            services: RwLock::default(),
         };
         let r = registry.sub_registry_with_prefix("gateway");
         r.register(
@@ -129,5 +149,48 @@ impl Metrics {
                 service: service.map(|s| s.to_string()).unwrap_or_default(),
             })
             .inc();
+    }
+
+    /// The counters of `service`, created on first use.
+    pub fn service(&self, service: &registry::ServiceName) -> Arc<ServiceCounters> {
+        if let Some(c) = self.services.read().expect("not poisoned").get(service) {
+            return c.clone();
+        }
+        let name = service.to_string();
+        let labels = ServiceLabels {
+            service: name.clone(),
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    service: name.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        let closed = |outcome| {
+            self.closed
+                .get_or_create(&ClosedLabels {
+                    service: name.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        let counters = Arc::new(ServiceCounters {
+            opened: self.opened.get_or_create(&labels).clone(),
+            bytes_up: bytes("client_to_server"),
+            bytes_down: bytes("server_to_client"),
+            closed: closed("closed"),
+            idle_timeout: closed("idle_timeout"),
+            error: closed("error"),
+            connect_failures: self.connect_failures.get_or_create(&labels).clone(),
+            ejections: self.ejections.get_or_create(&labels).clone(),
+        });
+        self.services
+            .write()
+            .expect("not poisoned")
+            .entry(service.clone())
+            .or_insert(counters)
+            .clone()
     }
 }

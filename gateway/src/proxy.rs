@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::balance::{self, Backend, Ejection};
 use crate::hello::{self, AlertDescription, ClientHello, HelloError, Parsed};
-use crate::metrics::{BytesLabels, ClosedLabels, Metrics, ServiceLabels};
+use crate::metrics::Metrics;
 use crate::route::{Route, RouteTable};
 use crate::splice::{self, Ended, Transfer};
 
@@ -61,6 +61,13 @@ enum Failure {
         tried: String,
         last: String,
     },
+    #[error(
+        "could not open a connection for {service}: {error}; the gateway is out of file descriptors, memory or local ports (check its ulimit -n and --max-connections); the endpoint is not ejected"
+    )]
+    LocalResources {
+        service: registry::ServiceName,
+        error: String,
+    },
 }
 
 impl Failure {
@@ -75,6 +82,7 @@ impl Failure {
             Failure::Io(_) => "read_error",
             Failure::Rejected(r) => r.reason(),
             Failure::ConnectFailed { .. } => "connect_failed",
+            Failure::LocalResources { .. } => "local_resources",
         }
     }
 
@@ -84,7 +92,9 @@ impl Failure {
                 Some(AlertDescription::DecodeError)
             }
             Failure::Rejected(r) => Some(r.alert()),
-            Failure::ConnectFailed { .. } => Some(AlertDescription::InternalError),
+            Failure::ConnectFailed { .. } | Failure::LocalResources { .. } => {
+                Some(AlertDescription::InternalError)
+            }
             _ => None,
         }
     }
@@ -92,7 +102,9 @@ impl Failure {
     fn service(&self) -> Option<&registry::ServiceName> {
         match self {
             Failure::Rejected(r) => r.service(),
-            Failure::ConnectFailed { service, .. } => Some(service),
+            Failure::ConnectFailed { service, .. } | Failure::LocalResources { service, .. } => {
+                Some(service)
+            }
             _ => None,
         }
     }
@@ -130,7 +142,11 @@ impl Proxy {
             Ok(r) => r,
             Err(failure) => {
                 self.metrics.reject(failure.reason(), failure.service());
-                debug!(reason = failure.reason(), "refused: {failure}");
+                if let Failure::LocalResources { .. } = failure {
+                    warn_local_resources(&failure);
+                } else {
+                    debug!(reason = failure.reason(), "refused: {failure}");
+                }
                 if let Some(alert) = failure.alert() {
                     let record = hello::alert_record(alert);
                     let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&record))
@@ -139,15 +155,10 @@ impl Proxy {
                 return;
             }
         };
-        let service = route.service.to_string();
+        let counters = self.metrics.service(&route.service);
         let _active = backend.state.open();
         self.metrics.active.inc();
-        self.metrics
-            .opened
-            .get_or_create(&ServiceLabels {
-                service: service.clone(),
-            })
-            .inc();
+        counters.opened.inc();
         let transfer = Transfer::default();
         let ended = tokio::select! {
             r = splice::copy_bidirectional(&client, &upstream, self.settings.idle_timeout, &transfer) => r,
@@ -156,31 +167,18 @@ impl Proxy {
         self.metrics.active.dec();
         let up = transfer.up.load(Ordering::Relaxed);
         let down = transfer.down.load(Ordering::Relaxed);
-        let outcome = match &ended {
-            Ok(Ended::Closed) => "closed",
-            Ok(Ended::IdleTimeout) => "idle_timeout",
-            Err(_) => "error",
+        let (outcome, outcome_counter) = match &ended {
+            Ok(Ended::Closed) => ("closed", &counters.closed),
+            Ok(Ended::IdleTimeout) => ("idle_timeout", &counters.idle_timeout),
+            Err(_) => ("error", &counters.error),
         };
-        for (direction, n) in [("client_to_server", up), ("server_to_client", down)] {
-            self.metrics
-                .bytes
-                .get_or_create(&BytesLabels {
-                    service: service.clone(),
-                    direction,
-                })
-                .inc_by(n);
-        }
-        self.metrics
-            .closed
-            .get_or_create(&ClosedLabels {
-                service: service.clone(),
-                outcome,
-            })
-            .inc();
+        counters.bytes_up.inc_by(up);
+        counters.bytes_down.inc_by(down);
+        outcome_counter.inc();
         info!(
             target: "access",
             sni = hello.sni.as_deref().unwrap_or(""),
-            %service,
+            service = %route.service,
             subset = route.subset.as_deref().unwrap_or(""),
             endpoint = %backend.addr,
             pod = backend.pod.as_deref().unwrap_or(""),
@@ -223,13 +221,13 @@ impl Proxy {
     }
 
     /// Connect to a ready endpoint and replay the ClientHello; on failure try up to
-    /// `connect_attempts - 1` others, so one dead pod costs the client nothing.
+    /// `connect_attempts - 1` others, so one dead pod costs the client nothing. A failure that
+    /// is the gateway's own (out of descriptors, memory or local ports) is not held against
+    /// the endpoint and is not retried elsewhere: every endpoint would fail the same way.
     async fn connect(&self, route: &Route, peeked: &[u8]) -> Result<(TcpStream, Backend), Failure> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last = String::from("no endpoint to try");
-        let labels = ServiceLabels {
-            service: route.service.to_string(),
-        };
+        let counters = self.metrics.service(&route.service);
         for _ in 0..self.settings.connect_attempts {
             let Some(backend) = balance::pick(&route.backends, &tried, balance::now_ms()) else {
                 break;
@@ -244,18 +242,27 @@ impl Proxy {
                     backend.state.record_success();
                     return Ok((stream, backend.clone()));
                 }
-                Err(e) => {
-                    self.metrics.connect_failures.get_or_create(&labels).inc();
-                    debug!(endpoint = %backend.addr, error = %e, "connect failed; trying another endpoint");
+                Err(ConnectError {
+                    local: true,
+                    message,
+                }) => {
+                    return Err(Failure::LocalResources {
+                        service: route.service.clone(),
+                        error: message,
+                    });
+                }
+                Err(ConnectError { message, .. }) => {
+                    counters.connect_failures.inc();
+                    debug!(endpoint = %backend.addr, error = %message, "connect failed; trying another endpoint");
                     if let Some(time) = backend
                         .state
                         .record_failure(&self.settings.ejection, balance::now_ms())
                     {
-                        self.metrics.ejections.get_or_create(&labels).inc();
+                        counters.ejections.inc();
                         warn!(endpoint = %backend.addr, service = %route.service, ?time,
                             "endpoint ejected after consecutive connect failures; is the pod healthy?");
                     }
-                    last = e;
+                    last = message;
                 }
             }
         }
@@ -270,19 +277,63 @@ impl Proxy {
         })
     }
 
-    async fn connect_one(&self, addr: SocketAddr, peeked: &[u8]) -> Result<TcpStream, String> {
+    async fn connect_one(
+        &self,
+        addr: SocketAddr,
+        peeked: &[u8],
+    ) -> Result<TcpStream, ConnectError> {
         let timeout = self.settings.connect_timeout;
         let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(format!("connect to {addr}: {e}")),
-            Err(_) => return Err(format!("connect to {addr} timed out after {timeout:?}")),
+            Ok(Err(e)) => {
+                return Err(ConnectError {
+                    local: is_local_resource_error(&e),
+                    message: format!("connect to {addr}: {e}"),
+                });
+            }
+            Err(_) => {
+                return Err(ConnectError {
+                    local: false,
+                    message: format!("connect to {addr} timed out after {timeout:?}"),
+                });
+            }
         };
         let _ = stream.set_nodelay(true);
-        stream
-            .write_all(peeked)
-            .await
-            .map_err(|e| format!("replaying the ClientHello to {addr}: {e}"))?;
+        stream.write_all(peeked).await.map_err(|e| ConnectError {
+            local: false,
+            message: format!("replaying the ClientHello to {addr}: {e}"),
+        })?;
         Ok(stream)
+    }
+}
+
+/// Why one connect attempt failed.
+struct ConnectError {
+    /// The gateway's own resources ran out; the endpoint is not to blame.
+    local: bool,
+    message: String,
+}
+
+/// Errors that say the gateway itself is out of something (descriptors, memory, buffers,
+/// local ports), not that the endpoint failed.
+fn is_local_resource_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Log local resource exhaustion at most once a second: it tends to come in floods.
+fn warn_local_resources(failure: &Failure) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = balance::now_ms();
+    let last = LAST.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        warn!("{failure}");
     }
 }
 
@@ -301,5 +352,36 @@ async fn read_hello(client: &mut TcpStream) -> Result<(Vec<u8>, ClientHello), Fa
             Parsed::Incomplete if n == 0 => return Err(Failure::ClosedEarly),
             Parsed::Incomplete => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_local_resources_is_not_the_endpoints_fault() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(is_local_resource_error(&std::io::Error::from_raw_os_error(
+                errno
+            )));
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ECONNRESET,
+        ] {
+            assert!(!is_local_resource_error(
+                &std::io::Error::from_raw_os_error(errno)
+            ));
+        }
+        assert!(!is_local_resource_error(&std::io::Error::other("x")));
     }
 }
