@@ -328,7 +328,7 @@ fn warn_local_resources(failure: &Failure) {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = balance::now_ms();
     let last = LAST.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 1000
+    if (last == 0 || now.saturating_sub(last) >= 1000)
         && LAST
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()

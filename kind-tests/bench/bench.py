@@ -770,9 +770,10 @@ def main():
     a.idle_conns = [int(x) for x in str(a.idle_conns).split(",") if x]
     only = set(a.only.split(","))
 
-    # Every proxied connection costs nginx and HAProxy two descriptors and the gateway six (two
-    # sockets and two pipes): the held-open test needs about 6n. Raise the limit as far as
-    # allowed and cap n to fit (a container may cap the hard limit), the same n for every peer.
+    # Every held-open connection costs each proxy two descriptors (the gateway creates a pipe
+    # pair only for a direction that turns bulk): the test needs about 2n. Raise the limit as
+    # far as allowed and cap n to fit (a container may cap the hard limit), the same n for
+    # every peer.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 200000
     try:
@@ -780,7 +781,7 @@ def main():
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     a.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    cap = a.fd_limit // 6 - 300
+    cap = a.fd_limit // 2 - 300
     if any(n > cap for n in a.idle_conns):
         log(f"descriptor limit {a.fd_limit}: held-open connections capped at {cap}")
         a.idle_conns = sorted({min(n, cap) for n in a.idle_conns})
