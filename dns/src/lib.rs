@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod respond;
 pub mod server;
 pub mod table;
+pub mod wire;
 
 pub use app::Dns;
 pub use config::Config;

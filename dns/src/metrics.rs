@@ -1,6 +1,7 @@
 //! DNS metrics (Prometheus, via prometheus-client). Labels are bounded: query types and response
 //! codes map to fixed lists; no name a client sends becomes a label.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -10,7 +11,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::respond::{QTYPE_LABELS, RCODE_LABELS};
 use crate::table::Table;
+
+/// The transports, in the order of [`Metrics::observe_indexed`]'s counters.
+pub const PROTOCOLS: [&str; 2] = ["udp", "tcp"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueryLabels {
@@ -38,6 +43,9 @@ pub struct Metrics {
     pub conflicts: Gauge,
     pub table_notes: Gauge,
     pub table_builds: Counter,
+    /// `queries`' counters by (type, rcode, protocol) index, looked up once each: the fast path
+    /// neither hashes labels nor takes the family's lock.
+    resolved: Box<[OnceLock<Counter>]>,
 }
 
 impl Metrics {
@@ -53,6 +61,9 @@ impl Metrics {
             conflicts: Gauge::default(),
             table_notes: Gauge::default(),
             table_builds: Counter::default(),
+            resolved: (0..QTYPE_LABELS.len() * RCODE_LABELS.len() * PROTOCOLS.len())
+                .map(|_| OnceLock::new())
+                .collect(),
         };
         let r = registry.sub_registry_with_prefix("dns");
         r.register(
@@ -120,6 +131,31 @@ impl Metrics {
         self.answer_seconds.observe(took.as_secs_f64());
     }
 
+    /// As [`Metrics::observe`], by index into [`QTYPE_LABELS`], [`RCODE_LABELS`] and
+    /// [`PROTOCOLS`] (out of range: `other`, `udp`).
+    pub fn observe_indexed(&self, qtype: usize, rcode: usize, protocol: usize, took: Duration) {
+        let qtype = qtype.min(QTYPE_LABELS.len() - 1);
+        let rcode = rcode.min(RCODE_LABELS.len() - 1);
+        let protocol = if protocol < PROTOCOLS.len() {
+            protocol
+        } else {
+            0
+        };
+        let at = (qtype * RCODE_LABELS.len() + rcode) * PROTOCOLS.len() + protocol;
+        self.resolved[at]
+            .get_or_init(|| {
+                self.queries
+                    .get_or_create(&QueryLabels {
+                        r#type: QTYPE_LABELS[qtype],
+                        rcode: RCODE_LABELS[rcode],
+                        protocol: PROTOCOLS[protocol],
+                    })
+                    .clone()
+            })
+            .inc();
+        self.answer_seconds.observe(took.as_secs_f64());
+    }
+
     pub fn malformed(&self, reason: &'static str) {
         self.malformed
             .get_or_create(&MalformedLabels { reason })
@@ -145,12 +181,18 @@ mod tests {
         let mut registry = Registry::default();
         let m = Metrics::new(&mut registry);
         m.observe("A", "NOERROR", "udp", Duration::from_micros(30));
+        m.observe_indexed(1, 0, 0, Duration::from_micros(30)); // A, NOERROR, udp again
+        m.observe_indexed(3, 3, 1, Duration::from_micros(30));
         m.malformed("short");
         m.table_built(&Table::default());
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
-            text.contains("dns_queries_total{type=\"A\",rcode=\"NOERROR\",protocol=\"udp\"} 1"),
+            text.contains("dns_queries_total{type=\"A\",rcode=\"NOERROR\",protocol=\"udp\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dns_queries_total{type=\"SRV\",rcode=\"NXDOMAIN\",protocol=\"tcp\"} 1"),
             "{text}"
         );
         assert!(text.contains("dns_malformed_total{reason=\"short\"} 1"));

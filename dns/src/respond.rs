@@ -176,35 +176,50 @@ pub fn form_error(raw: &[u8]) -> (Malformed, Option<Vec<u8>>) {
     (Malformed::Undecodable, sent.ok().map(|_| buf))
 }
 
+/// Response code labels in metrics, indexed by [`rcode_index`].
+pub const RCODE_LABELS: [&str; 8] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other",
+];
+
 /// The label for a response code in metrics (bounded: anything unusual is `other`).
 pub fn rcode_label(code: ResponseCode) -> &'static str {
+    RCODE_LABELS[rcode_index(code)]
+}
+
+/// Where a response code's label is in [`RCODE_LABELS`].
+pub fn rcode_index(code: ResponseCode) -> usize {
     // By number: 16 is both BADVERS and BADSIG to hickory, and only BADVERS to us.
     match u16::from(code) {
-        0 => "NOERROR",
-        1 => "FORMERR",
-        2 => "SERVFAIL",
-        3 => "NXDOMAIN",
-        4 => "NOTIMP",
-        5 => "REFUSED",
-        16 => "BADVERS",
-        _ => "other",
+        n @ 0..=5 => usize::from(n),
+        16 => 6,
+        _ => 7,
     }
 }
 
+/// Query type labels in metrics, indexed by [`qtype_index`].
+pub const QTYPE_LABELS: [&str; 11] = [
+    "none", "A", "AAAA", "SRV", "SOA", "NS", "ANY", "HTTPS", "PTR", "TXT", "other",
+];
+
 /// The label for a query type in metrics (bounded: types we never answer are `other`).
 pub fn qtype_label(qtype: Option<RecordType>) -> &'static str {
+    QTYPE_LABELS[qtype_index(qtype)]
+}
+
+/// Where a query type's label is in [`QTYPE_LABELS`].
+pub fn qtype_index(qtype: Option<RecordType>) -> usize {
     match qtype {
-        None => "none",
-        Some(RecordType::A) => "A",
-        Some(RecordType::AAAA) => "AAAA",
-        Some(RecordType::SRV) => "SRV",
-        Some(RecordType::SOA) => "SOA",
-        Some(RecordType::NS) => "NS",
-        Some(RecordType::ANY) => "ANY",
-        Some(RecordType::HTTPS) => "HTTPS",
-        Some(RecordType::PTR) => "PTR",
-        Some(RecordType::TXT) => "TXT",
-        Some(_) => "other",
+        None => 0,
+        Some(RecordType::A) => 1,
+        Some(RecordType::AAAA) => 2,
+        Some(RecordType::SRV) => 3,
+        Some(RecordType::SOA) => 4,
+        Some(RecordType::NS) => 5,
+        Some(RecordType::ANY) => 6,
+        Some(RecordType::HTTPS) => 7,
+        Some(RecordType::PTR) => 8,
+        Some(RecordType::TXT) => 9,
+        Some(_) => 10,
     }
 }
 
