@@ -20,9 +20,9 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as ep;
 use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value};
+use registry::ServiceName;
 use registry::naming::{ClusterName, parse_global_host, parse_local_fqdn};
-use registry::snapshot::{Locality, labels_match};
-use registry::{ServiceName, Snapshot};
+use registry::snapshot::{Locality, ServiceInfo, labels_match};
 use serde::Serialize;
 
 use crate::clusters::MeshView;
@@ -494,23 +494,26 @@ pub struct Explain {
     pub split: Split,
 }
 
-/// The load assignment for a resource name as a client in `client_network` should see it.
-/// An unknown or unparseable name gets an empty assignment (so the client stops waiting).
-pub fn assignment(
+/// Each network's resolved gateway addresses, as [`split_horizon`] takes them.
+pub fn gateway_addresses(view: &MeshView) -> BTreeMap<String, Vec<SocketAddr>> {
+    view.gateways
+        .iter()
+        .map(|(n, g)| (n.clone(), g.addresses.clone()))
+        .collect()
+}
+
+/// Gather and split one resource name: the decision both xDS and `/debug/explain` show.
+fn decide(
     resource: &str,
     view: &MeshView,
     client_network: &str,
     opts: &EdsOptions,
-) -> (ep::ClusterLoadAssignment, Explain) {
-    let (gathered, split) = match ClusterName::parse(resource) {
+    gateways: &BTreeMap<String, Vec<SocketAddr>>,
+) -> (Gathered, Split) {
+    match ClusterName::parse(resource) {
         Some(name) => {
             let gathered = gather(&name, view, client_network, opts);
-            let gateways: BTreeMap<String, Vec<SocketAddr>> = view
-                .gateways
-                .iter()
-                .map(|(n, g)| (n.clone(), g.addresses.clone()))
-                .collect();
-            let split = split_horizon(&gathered.endpoints, &gateways, client_network);
+            let split = split_horizon(&gathered.endpoints, gateways, client_network);
             (gathered, split)
         }
         None => (
@@ -526,7 +529,32 @@ pub fn assignment(
                 ..Default::default()
             },
         ),
-    };
+    }
+}
+
+/// The load assignment alone, what xDS serves; `gateways` is [`gateway_addresses`] of `view`,
+/// computed once per view by the caller. The same decision as [`assignment`].
+pub fn load_assignment(
+    resource: &str,
+    view: &MeshView,
+    client_network: &str,
+    opts: &EdsOptions,
+    gateways: &BTreeMap<String, Vec<SocketAddr>>,
+) -> ep::ClusterLoadAssignment {
+    let (_, split) = decide(resource, view, client_network, opts, gateways);
+    to_cla(resource, &split)
+}
+
+/// The load assignment for a resource name as a client in `client_network` should see it.
+/// An unknown or unparseable name gets an empty assignment (so the client stops waiting).
+pub fn assignment(
+    resource: &str,
+    view: &MeshView,
+    client_network: &str,
+    opts: &EdsOptions,
+) -> (ep::ClusterLoadAssignment, Explain) {
+    let gateways = gateway_addresses(view);
+    let (gathered, split) = decide(resource, view, client_network, opts, &gateways);
     let cla = to_cla(resource, &split);
     let explain = Explain {
         cluster_name: resource.to_string(),
@@ -542,30 +570,46 @@ pub fn assignment(
 pub fn all_cluster_names(view: &MeshView, opts: &EdsOptions) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for c in view.clusters.values() {
-        add_names(&c.snapshot, opts, &mut out);
+        for (key, svc) in &c.snapshot.services {
+            add_names(key, svc, opts, &mut out);
+        }
     }
     out
 }
 
-fn add_names(snapshot: &Snapshot, opts: &EdsOptions, out: &mut BTreeSet<String>) {
-    for (key, svc) in &snapshot.services {
-        let hosts = [
-            key.global_host(&opts.global_suffix),
-            key.local_fqdn(&opts.domain_suffix),
-        ];
-        for port in &svc.ports {
-            for host in &hosts {
-                let subsets = std::iter::once(None).chain(svc.subsets.keys().map(Some));
-                for subset in subsets {
-                    out.insert(
-                        ClusterName {
-                            port: port.port,
-                            subset: subset.cloned(),
-                            host: host.clone(),
-                        }
-                        .to_string(),
-                    );
-                }
+/// The cluster names of one service, over every cluster that has it (a subset of
+/// [`all_cluster_names`]).
+pub fn service_cluster_names(
+    key: &ServiceName,
+    view: &MeshView,
+    opts: &EdsOptions,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for c in view.clusters.values() {
+        if let Some(svc) = c.snapshot.services.get(key) {
+            add_names(key, svc, opts, &mut out);
+        }
+    }
+    out
+}
+
+fn add_names(key: &ServiceName, svc: &ServiceInfo, opts: &EdsOptions, out: &mut BTreeSet<String>) {
+    let hosts = [
+        key.global_host(&opts.global_suffix),
+        key.local_fqdn(&opts.domain_suffix),
+    ];
+    for port in &svc.ports {
+        for host in &hosts {
+            let subsets = std::iter::once(None).chain(svc.subsets.keys().map(Some));
+            for subset in subsets {
+                out.insert(
+                    ClusterName {
+                        port: port.port,
+                        subset: subset.cloned(),
+                        host: host.clone(),
+                    }
+                    .to_string(),
+                );
             }
         }
     }
