@@ -5,6 +5,7 @@
 //! (`ClusterLoadAssignment`) is served; other types on ADS are logged once and ignored.
 
 pub mod debounce;
+pub mod snapshot;
 pub mod stream;
 
 use std::net::SocketAddr;
