@@ -1,10 +1,19 @@
 //! The xDS server: ADS (SotW and Delta) and the standalone EDS service, over tonic.
 //!
-//! Each stream is one task: it reads requests and watches the debounced generations, feeds both
-//! to the sans-IO protocol state in `stream.rs`, and writes the answers. Only EDS
-//! (`ClusterLoadAssignment`) is served; other types on ADS are logged once and ignored.
+//! ```text
+//! MeshView --debounce--> Generation --feeds (one task per client network)--> NetworkSnapshot
+//!                                       builds only what changed, encodes once     |
+//!                                                          watch, shared by streams v
+//!                                      stream task: request/snapshot -> stream.rs -> response
+//! ```
+//!
+//! Each stream is one task: it reads requests and watches its network's snapshots, feeds both
+//! to the sans-IO protocol state in `stream.rs` (which compares per-resource versions with what
+//! it sent), and writes the answers. Only EDS (`ClusterLoadAssignment`) is served; other types on
+//! ADS are logged once and ignored.
 
 pub mod debounce;
+pub mod feeds;
 pub mod snapshot;
 pub mod stream;
 
@@ -13,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -34,26 +43,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use debounce::Generation;
+pub use feeds::{Feed, Feeds};
+pub use snapshot::NetworkSnapshot;
 pub use stream::{DeltaStream, EDS_TYPE, Event, SotwStream};
 
-use crate::eds::{self, EdsOptions};
+use crate::eds::EdsOptions;
 use crate::metrics::XdsMetrics;
-
-/// How resources are computed: the EDS options, shared by all streams.
-#[derive(Clone, Debug)]
-pub struct Resources {
-    pub options: Arc<EdsOptions>,
-}
-
-impl Resources {
-    pub fn assignment(&self, name: &str, g: &Generation, network: &str) -> ClusterLoadAssignment {
-        eds::assignment(name, &g.view, network, &self.options).0
-    }
-
-    pub fn all_names(&self, g: &Generation) -> std::collections::BTreeSet<String> {
-        eds::all_cluster_names(&g.view, &self.options)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
@@ -75,8 +70,7 @@ pub struct XdsService {
 
 #[derive(Debug)]
 struct Inner {
-    generations: watch::Receiver<Arc<Generation>>,
-    resources: Resources,
+    feeds: Arc<Feeds>,
     default_network: String,
     metrics: Arc<XdsMetrics>,
     next_id: AtomicU64,
@@ -95,10 +89,7 @@ impl XdsService {
     ) -> XdsService {
         XdsService {
             inner: Arc::new(Inner {
-                generations,
-                resources: Resources {
-                    options: Arc::new(options),
-                },
+                feeds: Feeds::new(generations, Arc::new(options), stop.clone()),
                 default_network,
                 metrics,
                 next_id: AtomicU64::new(1),
@@ -165,13 +156,46 @@ fn log_event(inner: &Inner, kind: &'static str, event: &Event, network: Option<&
     }
 }
 
+/// The current snapshot of the stream's network, subscribing to the network's feed on the first
+/// EDS request (the network is fixed from then on). `None` when the server stops.
+async fn snapshot_for(
+    inner: &Inner,
+    feed: &mut Option<Feed>,
+    network: &mut Option<String>,
+    node: Option<&Node>,
+) -> Option<Arc<NetworkSnapshot>> {
+    let rx = feed.get_or_insert_with(|| {
+        let n = stream::node_network(node).unwrap_or_else(|| inner.default_network.clone());
+        let rx = inner.feeds.subscribe(&n);
+        *network = Some(n);
+        rx
+    });
+    tokio::select! {
+        _ = inner.stop.cancelled() => None,
+        r = rx.wait_for(Option::is_some) => r.ok().and_then(|s| s.clone()),
+    }
+}
+
+/// The next snapshot of the stream's feed; pending until the stream has one.
+async fn next_snapshot(feed: &mut Option<Feed>) -> Option<Option<Arc<NetworkSnapshot>>> {
+    match feed {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 async fn run_sotw(
     inner: Arc<Inner>,
     mut requests: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
     let _guard = StreamGuard::new(&inner.metrics, "sotw");
-    let mut generations = inner.generations.clone();
+    let opts = inner.feeds.options().clone();
+    let mut feed = None;
+    let mut network = None;
     let mut state = SotwStream::default();
     let mut warned_types = std::collections::BTreeSet::new();
     info!("stream opened");
@@ -185,24 +209,27 @@ async fn run_sotw(
                     Some(Err(status)) => { debug!(%status, "stream ended by the client"); break }
                     Some(Ok(r)) => r,
                 };
-                let g = generations.borrow_and_update().clone();
-                let (event, response) = state.on_request(&req, &g, &inner.default_network, &inner.resources);
-                if let Event::OtherType(t) = &event
-                    && warned_types.insert(t.clone())
-                {
-                    info!(type_url = %t, "this server serves only EDS; requests for this type are ignored");
+                if !stream::is_eds(&req.type_url) {
+                    if warned_types.insert(req.type_url.clone()) {
+                        info!(type_url = %req.type_url, "this server serves only EDS; requests for this type are ignored");
+                    }
+                    log_event(&inner, "sotw", &Event::OtherType(req.type_url.clone()), network.as_deref());
+                    continue;
                 }
-                log_event(&inner, "sotw", &event, state.network.as_deref());
-                response.map(|r| (r, g))
+                let Some(snap) = snapshot_for(&inner, &mut feed, &mut network, req.node.as_ref()).await else { break };
+                let (event, response) = state.on_request(&req, &snap, &opts);
+                log_event(&inner, "sotw", &event, network.as_deref());
+                response.map(|r| (r, snap))
             }
-            r = generations.changed() => {
-                if r.is_err() { break }
-                let g = generations.borrow_and_update().clone();
-                state.on_generation(&g, &inner.default_network, &inner.resources).map(|r| (r, g))
+            s = next_snapshot(&mut feed) => {
+                let Some(s) = s else { break };
+                s.and_then(|snap| state.on_generation(&snap, &opts).map(|r| (r, snap)))
             }
         };
-        if let Some((response, g)) = response {
-            inner.metrics.pushed("sotw", g.published.elapsed());
+        if let Some((response, snap)) = response {
+            inner
+                .metrics
+                .pushed("sotw", snap.generation.published.elapsed());
             if tx.send(Ok(response)).await.is_err() {
                 break;
             }
@@ -217,8 +244,11 @@ async fn run_delta(
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) {
     let _guard = StreamGuard::new(&inner.metrics, "delta");
-    let mut generations = inner.generations.clone();
+    let opts = inner.feeds.options().clone();
+    let mut feed = None;
+    let mut network = None;
     let mut state = DeltaStream::default();
+    let mut current: Option<Arc<NetworkSnapshot>> = None;
     info!("delta stream opened");
     loop {
         let response = tokio::select! {
@@ -230,19 +260,30 @@ async fn run_delta(
                     Some(Err(status)) => { debug!(%status, "stream ended by the client"); break }
                     Some(Ok(r)) => r,
                 };
-                let g = generations.borrow_and_update().clone();
-                let (event, response) = state.on_request(&req, &g, &inner.default_network, &inner.resources);
-                log_event(&inner, "delta", &event, state.network.as_deref());
-                response.map(|r| (r, g))
+                if !stream::is_eds(&req.type_url) {
+                    log_event(&inner, "delta", &Event::OtherType(req.type_url.clone()), network.as_deref());
+                    continue;
+                }
+                let Some(snap) = snapshot_for(&inner, &mut feed, &mut network, req.node.as_ref()).await else { break };
+                current = Some(snap.clone());
+                let (event, response) = state.on_request(&req, &snap, &opts);
+                log_event(&inner, "delta", &event, network.as_deref());
+                response.map(|r| (r, snap))
             }
-            r = generations.changed() => {
-                if r.is_err() { break }
-                let g = generations.borrow_and_update().clone();
-                state.on_generation(&g, &inner.default_network, &inner.resources).map(|r| (r, g))
+            s = next_snapshot(&mut feed) => {
+                let Some(s) = s else { break };
+                current = s.clone().or(current);
+                s.and_then(|snap| state.on_generation(&snap, &opts).map(|r| (r, snap)))
+            }
+            // The rest of a state cut into parts; the channel's capacity paces it.
+            () = std::future::ready(()), if state.has_more() => {
+                current.clone().and_then(|snap| state.on_more(&snap, &opts).map(|r| (r, snap)))
             }
         };
-        if let Some((response, g)) = response {
-            inner.metrics.pushed("delta", g.published.elapsed());
+        if let Some((response, snap)) = response {
+            inner
+                .metrics
+                .pushed("delta", snap.generation.published.elapsed());
             if tx.send(Ok(response)).await.is_err() {
                 break;
             }
@@ -307,9 +348,20 @@ impl EndpointDiscoveryService for XdsService {
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let req = request.into_inner();
-        let g = self.inner.generations.borrow().clone();
+        if !stream::is_eds(&req.type_url) {
+            return Err(Status::invalid_argument(format!(
+                "this server serves only {EDS_TYPE}, not {}",
+                req.type_url
+            )));
+        }
+        let (mut feed, mut network) = (None, None);
+        let Some(snap) =
+            snapshot_for(&self.inner, &mut feed, &mut network, req.node.as_ref()).await
+        else {
+            return Err(Status::unavailable("the server is stopping"));
+        };
         let mut state = SotwStream::default();
-        match state.on_request(&req, &g, &self.inner.default_network, &self.inner.resources) {
+        match state.on_request(&req, &snap, self.inner.feeds.options()) {
             (_, Some(r)) => Ok(Response::new(r)),
             (Event::OtherType(t), None) => Err(Status::invalid_argument(format!(
                 "this server serves only {EDS_TYPE}, not {t}"

@@ -1,29 +1,39 @@
-//! The per-stream xDS protocol, sans-IO: what to answer to a request or a new generation.
+//! The per-stream xDS protocol, sans-IO: what to answer to a request or a new snapshot.
+//!
+//! Resources come from the network's shared [`NetworkSnapshot`] (computed and encoded once per
+//! generation and network); a stream keeps only the version (`u64`) of each resource it sent and
+//! compares versions. When the stream has seen the snapshot's predecessor, only the names the
+//! snapshot lists as changed are looked at; otherwise every name is.
 //!
 //! State of the world (`SotwStream`): the client's latest `resource_names` is its whole
 //! subscription (empty on the first request, or `*`, means wildcard); a request whose nonce is
 //! not the latest we sent is stale and ignored; `error_detail` marks a NACK. Every response holds
-//! every subscribed resource; its version is a hash of the content, so equal content has an equal
-//! version. A new generation is pushed only when this stream's resources changed.
+//! every subscribed resource; its version is a hash of the names and resource versions, so equal
+//! content has an equal version. A new snapshot is pushed only when this stream's resources
+//! changed.
 //!
 //! Delta (`DeltaStream`): subscribe/unsubscribe change the set; the server remembers which
 //! version of each resource the client holds (seeded from `initial_resource_versions`) and sends
 //! only what differs, plus `removed_resources` for wildcard resources that disappeared.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Bound;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::{Any, value};
-use prost::Message;
 
-use super::{Generation, Resources};
+use super::snapshot::{Encoded, NetworkSnapshot, parse_version, version_string};
+use crate::eds::EdsOptions;
 
 pub const EDS_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const WILDCARD: &str = "*";
+/// The most resources one Delta response carries while sending a wildcard state.
+pub const MAX_DELTA_RESOURCES: usize = 1000;
 
 /// What a request meant, for logs and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +49,11 @@ pub enum Event {
     OtherType(String),
 }
 
+/// Whether a request's type is ours (an empty type on the EDS service means EDS).
+pub fn is_eds(type_url: &str) -> bool {
+    type_url.is_empty() || type_url == EDS_TYPE
+}
+
 /// The client's network: node metadata `NETWORK` (Istio's `ISTIO_META_NETWORK`).
 pub fn node_network(node: Option<&Node>) -> Option<String> {
     let fields = &node?.metadata.as_ref()?.fields;
@@ -48,32 +63,61 @@ pub fn node_network(node: Option<&Node>) -> Option<String> {
     }
 }
 
-fn version_of(bytes: &[u8]) -> String {
-    let mut h = DefaultHasher::new();
-    bytes.hash(&mut h);
-    format!("{:016x}", h.finish())
+/// Which names to look at when reconciling with a snapshot.
+enum Scope {
+    /// Every subscribed and every sent name.
+    All,
+    /// These names (and any subscribed name the snapshot does not hold).
+    Names(Vec<Arc<str>>),
 }
 
-fn encode(name: &str, generation: &Generation, network: &str, r: &Resources) -> Vec<u8> {
-    r.assignment(name, generation, network).encode_to_vec()
+impl Scope {
+    /// What a snapshot asks of a stream that last reconciled with `seen`.
+    fn since(seen: Option<u64>, snap: &NetworkSnapshot) -> Option<Scope> {
+        match seen {
+            Some(s) if s == snap.version() => None,
+            Some(s) if snap.previous == Some(s) => Some(Scope::Names(snap.changed.clone())),
+            _ => Some(Scope::All),
+        }
+    }
+
+    fn add(self, names: Vec<Arc<str>>) -> Scope {
+        match self {
+            Scope::All => Scope::All,
+            Scope::Names(mut n) => {
+                n.extend(names);
+                Scope::Names(n)
+            }
+        }
+    }
+}
+
+/// A name as the snapshot spells it (so streams share the snapshot's strings).
+fn intern(snap: &NetworkSnapshot, name: &str) -> Arc<str> {
+    match snap.resources.get_key_value(name) {
+        Some((k, _)) => k.clone(),
+        None => name.into(),
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct SotwStream {
-    pub network: Option<String>,
     started: bool,
     legacy_wildcard: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
+    names: BTreeSet<Arc<str>>,
     last_nonce: String,
     nonce: u64,
-    sent: BTreeMap<String, Vec<u8>>,
+    /// name -> version of the last response.
+    sent: HashMap<Arc<str>, u64>,
+    /// The snapshot `sent` was last checked against.
+    seen: Option<u64>,
     /// The version the client last accepted.
     pub acked_version: String,
 }
 
 impl SotwStream {
-    pub fn subscription(&self) -> (bool, &BTreeSet<String>) {
+    pub fn subscription(&self) -> (bool, &BTreeSet<Arc<str>>) {
         (self.wildcard, &self.names)
     }
 
@@ -81,15 +125,11 @@ impl SotwStream {
     pub fn on_request(
         &mut self,
         req: &DiscoveryRequest,
-        generation: &Generation,
-        default_network: &str,
-        resources: &Resources,
+        snap: &NetworkSnapshot,
+        opts: &EdsOptions,
     ) -> (Event, Option<DiscoveryResponse>) {
-        if !req.type_url.is_empty() && req.type_url != EDS_TYPE {
+        if !is_eds(&req.type_url) {
             return (Event::OtherType(req.type_url.clone()), None);
-        }
-        if self.network.is_none() {
-            self.network = node_network(req.node.as_ref());
         }
         if !req.response_nonce.is_empty() && req.response_nonce != self.last_nonce {
             return (Event::Stale, None);
@@ -102,11 +142,11 @@ impl SotwStream {
                 Event::Ack
             }
         };
-        let names: BTreeSet<String> = req
+        let names: BTreeSet<Arc<str>> = req
             .resource_names
             .iter()
             .filter(|n| *n != WILDCARD)
-            .cloned()
+            .map(|n| intern(snap, n))
             .collect();
         let star = req.resource_names.iter().any(|n| n == WILDCARD);
         let wildcard = if !self.started {
@@ -120,152 +160,206 @@ impl SotwStream {
         self.wildcard = wildcard;
         self.names = names;
         if !changed {
-            return (event, None);
+            // Nothing new asked; a snapshot this stream has not checked yet may still be.
+            return (event, self.on_generation(snap, opts));
         }
         let event = if event == Event::Ack {
             Event::Request
         } else {
             event
         };
-        let network = self
-            .network
-            .clone()
-            .unwrap_or_else(|| default_network.into());
-        (
-            event,
-            Some(self.respond(generation, &network, resources, true)),
-        )
+        (event, Some(self.respond(snap, opts)))
     }
 
-    /// A new generation: answer only if this stream's resources changed.
+    /// A new snapshot: answer only if this stream's resources changed.
     pub fn on_generation(
         &mut self,
-        generation: &Generation,
-        default_network: &str,
-        resources: &Resources,
+        snap: &NetworkSnapshot,
+        opts: &EdsOptions,
     ) -> Option<DiscoveryResponse> {
         if !self.started {
             return None;
         }
-        let network = self
-            .network
-            .clone()
-            .unwrap_or_else(|| default_network.into());
-        let response = self.respond(generation, &network, resources, false);
-        (!response.nonce.is_empty()).then_some(response)
+        let scope = Scope::since(self.seen, snap)?;
+        self.seen = Some(snap.version());
+        self.differs(scope, snap, opts)
+            .then(|| self.respond(snap, opts))
     }
 
-    fn respond(
-        &mut self,
-        generation: &Generation,
-        network: &str,
-        resources: &Resources,
-        always: bool,
-    ) -> DiscoveryResponse {
-        let mut wanted = self.names.clone();
+    fn wants(&self, snap: &NetworkSnapshot, name: &str) -> bool {
+        (self.wildcard && snap.resources.contains_key(name)) || self.names.contains(name)
+    }
+
+    /// Whether any subscribed resource in `scope` differs from what was sent.
+    fn differs(&self, scope: Scope, snap: &NetworkSnapshot, opts: &EdsOptions) -> bool {
+        let names = match scope {
+            Scope::All => {
+                let wanted = self.wanted(snap, opts);
+                return wanted.len() != self.sent.len()
+                    || wanted
+                        .iter()
+                        .any(|(n, r)| self.sent.get(n) != Some(&r.version));
+            }
+            Scope::Names(n) => n,
+        };
+        let outside = self
+            .names
+            .iter()
+            .filter(|n| !snap.resources.contains_key(&***n));
+        names.iter().chain(outside).any(|n| {
+            let sent = self.sent.get(n).copied();
+            if self.wants(snap, n) {
+                sent != Some(snap.get(n, opts).0.version)
+            } else {
+                sent.is_some()
+            }
+        })
+    }
+
+    /// Every subscribed resource, by name.
+    fn wanted(&self, snap: &NetworkSnapshot, opts: &EdsOptions) -> Vec<(Arc<str>, Arc<Encoded>)> {
+        let mut out: Vec<(Arc<str>, Arc<Encoded>)> = Vec::new();
         if self.wildcard {
-            wanted.extend(resources.all_names(generation));
+            out.extend(snap.resources.iter().map(|(n, r)| (n.clone(), r.clone())));
         }
-        let now: BTreeMap<String, Vec<u8>> = wanted
-            .into_iter()
-            .map(|n| {
-                let bytes = encode(&n, generation, network, resources);
-                (n, bytes)
-            })
-            .collect();
-        if !always && now == self.sent {
-            return DiscoveryResponse::default();
+        let mut extra = false;
+        for n in &self.names {
+            if self.wildcard && snap.resources.contains_key(&**n) {
+                continue;
+            }
+            extra = true;
+            out.push((n.clone(), snap.get(n, opts).0));
         }
-        let mut all = Vec::new();
-        for (name, bytes) in &now {
-            all.extend_from_slice(name.as_bytes());
-            all.extend_from_slice(bytes);
+        if extra {
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        out
+    }
+
+    fn respond(&mut self, snap: &NetworkSnapshot, opts: &EdsOptions) -> DiscoveryResponse {
+        self.seen = Some(snap.version());
+        let wanted = self.wanted(snap, opts);
+        let mut h = DefaultHasher::new();
+        for (name, r) in &wanted {
+            name.hash(&mut h);
+            r.version.hash(&mut h);
         }
         self.nonce += 1;
-        self.last_nonce = format!("{}-{}", generation.version, self.nonce);
+        self.last_nonce = format!("{}-{}", snap.version(), self.nonce);
         let response = DiscoveryResponse {
-            version_info: version_of(&all),
-            resources: now
-                .values()
-                .map(|b| Any {
+            version_info: version_string(h.finish()),
+            resources: wanted
+                .iter()
+                .map(|(_, r)| Any {
                     type_url: EDS_TYPE.into(),
-                    value: b.clone(),
+                    value: r.bytes.clone(),
                 })
                 .collect(),
             type_url: EDS_TYPE.into(),
             nonce: self.last_nonce.clone(),
             ..Default::default()
         };
-        self.sent = now;
+        self.sent = wanted.into_iter().map(|(n, r)| (n, r.version)).collect();
         response
     }
 }
 
 #[derive(Debug, Default)]
 pub struct DeltaStream {
-    pub network: Option<String>,
     started: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// name -> the version the client holds.
-    known: BTreeMap<String, String>,
+    names: HashSet<Arc<str>>,
+    /// name -> the version the client holds (0: one we cannot read).
+    known: HashMap<Arc<str>, u64>,
+    /// The snapshot `known` was last reconciled with.
+    seen: Option<u64>,
+    /// A wildcard state sent in part: the snapshot and the last name sent.
+    resume: Option<(u64, Arc<str>)>,
     nonce: u64,
 }
 
 impl DeltaStream {
-    pub fn subscription(&self) -> (bool, &BTreeSet<String>) {
+    pub fn subscription(&self) -> (bool, &HashSet<Arc<str>>) {
         (self.wildcard, &self.names)
+    }
+
+    /// How many resources the client holds, as far as this stream knows.
+    pub fn known(&self) -> usize {
+        self.known.len()
+    }
+
+    /// A response was cut at [`MAX_DELTA_RESOURCES`]; [`DeltaStream::on_more`] sends the rest.
+    pub fn has_more(&self) -> bool {
+        self.resume.is_some()
+    }
+
+    /// The next part of a state cut at [`MAX_DELTA_RESOURCES`] (from the start, comparing
+    /// versions, if the snapshot changed meanwhile).
+    pub fn on_more(
+        &mut self,
+        snap: &NetworkSnapshot,
+        opts: &EdsOptions,
+    ) -> Option<DeltaDiscoveryResponse> {
+        self.resume.as_ref()?;
+        self.reconcile(Scope::All, snap, opts)
     }
 
     pub fn on_request(
         &mut self,
         req: &DeltaDiscoveryRequest,
-        generation: &Generation,
-        default_network: &str,
-        resources: &Resources,
+        snap: &NetworkSnapshot,
+        opts: &EdsOptions,
     ) -> (Event, Option<DeltaDiscoveryResponse>) {
-        if !req.type_url.is_empty() && req.type_url != EDS_TYPE {
+        if !is_eds(&req.type_url) {
             return (Event::OtherType(req.type_url.clone()), None);
-        }
-        if self.network.is_none() {
-            self.network = node_network(req.node.as_ref());
         }
         let event = match (&req.error_detail, req.response_nonce.is_empty()) {
             (Some(status), _) => Event::Nack(status.message.clone()),
             (None, true) => Event::Request,
             (None, false) => Event::Ack,
         };
+        let mut all = false;
+        let mut touched = Vec::new();
         if !self.started {
             self.started = true;
             self.wildcard = req.resource_names_subscribe.is_empty();
             for (n, v) in &req.initial_resource_versions {
-                self.known.insert(n.clone(), v.clone());
+                self.known.insert(intern(snap, n), parse_version(v));
             }
+            all = true;
         }
         for n in &req.resource_names_subscribe {
             if n == WILDCARD {
+                all |= !self.wildcard;
                 self.wildcard = true;
                 continue;
             }
+            let n = intern(snap, n);
             // A (re)subscription asks for the resource even if we think it is known.
-            if !req.initial_resource_versions.contains_key(n) {
-                self.known.remove(n);
+            if !req.initial_resource_versions.contains_key(&*n) {
+                self.known.remove(&n);
             }
             self.names.insert(n.clone());
+            touched.push(n);
         }
         for n in &req.resource_names_unsubscribe {
             if n == WILDCARD {
+                all |= self.wildcard;
                 self.wildcard = false;
                 continue;
             }
-            self.names.remove(n);
-            self.known.remove(n);
+            let n = intern(snap, n);
+            self.names.remove(&n);
+            self.known.remove(&n);
+            touched.push(n);
         }
-        let network = self
-            .network
-            .clone()
-            .unwrap_or_else(|| default_network.into());
-        let response = self.respond(generation, &network, resources);
+        let scope = match Scope::since(self.seen, snap) {
+            _ if all => Some(Scope::All),
+            Some(s) => Some(s.add(touched)),
+            None if touched.is_empty() => None,
+            None => Some(Scope::Names(touched)),
+        };
+        let response = scope.and_then(|s| self.reconcile(s, snap, opts));
         let event = match (event, &response) {
             (Event::Ack, Some(_)) => Event::Request,
             (e, _) => e,
@@ -275,68 +369,134 @@ impl DeltaStream {
 
     pub fn on_generation(
         &mut self,
-        generation: &Generation,
-        default_network: &str,
-        resources: &Resources,
+        snap: &NetworkSnapshot,
+        opts: &EdsOptions,
     ) -> Option<DeltaDiscoveryResponse> {
         if !self.started {
             return None;
         }
-        let network = self
-            .network
-            .clone()
-            .unwrap_or_else(|| default_network.into());
-        self.respond(generation, &network, resources)
+        let scope = Scope::since(self.seen, snap)?;
+        self.reconcile(scope, snap, opts)
     }
 
-    fn respond(
+    fn wants(&self, snap: &NetworkSnapshot, name: &str) -> bool {
+        (self.wildcard && snap.resources.contains_key(name)) || self.names.contains(name)
+    }
+
+    /// Compare one name with what the client holds: send it, or list it as removed.
+    fn check(
         &mut self,
-        generation: &Generation,
-        network: &str,
-        resources: &Resources,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let mut wanted = self.names.clone();
-        if self.wildcard {
-            wanted.extend(resources.all_names(generation));
-        }
-        let mut changed = Vec::new();
-        for name in &wanted {
-            let bytes = encode(name, generation, network, resources);
-            let version = version_of(&bytes);
-            if self.known.get(name) == Some(&version) {
-                continue;
+        name: &Arc<str>,
+        r: Option<&Arc<Encoded>>,
+        snap: &NetworkSnapshot,
+        opts: &EdsOptions,
+        out: &mut (Vec<Resource>, Vec<String>),
+    ) {
+        if !self.wants(snap, name) {
+            if self.known.remove(name).is_some() {
+                out.1.push(name.to_string());
             }
-            self.known.insert(name.clone(), version.clone());
-            changed.push(Resource {
-                name: name.clone(),
-                version,
-                resource: Some(Any {
-                    type_url: EDS_TYPE.into(),
-                    value: bytes,
-                }),
-                ..Default::default()
-            });
+            return;
         }
-        let removed: Vec<String> = self
-            .known
-            .keys()
-            .filter(|n| !wanted.contains(*n))
-            .cloned()
-            .collect();
-        for n in &removed {
-            self.known.remove(n);
+        let r = r.cloned().unwrap_or_else(|| snap.get(name, opts).0);
+        if self.known.get(name) == Some(&r.version) {
+            return;
         }
+        self.known.insert(name.clone(), r.version);
+        out.0.push(Resource {
+            name: name.to_string(),
+            version: version_string(r.version),
+            resource: Some(Any {
+                type_url: EDS_TYPE.into(),
+                value: r.bytes.clone(),
+            }),
+            ..Default::default()
+        });
+    }
+
+    fn reconcile(
+        &mut self,
+        scope: Scope,
+        snap: &NetworkSnapshot,
+        opts: &EdsOptions,
+    ) -> Option<DeltaDiscoveryResponse> {
+        self.seen = Some(snap.version());
+        let mut out = (Vec::new(), Vec::new());
+        match scope {
+            Scope::All => {
+                let after = match self.resume.take() {
+                    Some((v, name)) if v == snap.version() => Some(name),
+                    _ => None,
+                };
+                if self.wildcard {
+                    let from = match &after {
+                        Some(n) => Bound::Excluded(&**n),
+                        None => Bound::Unbounded,
+                    };
+                    for (n, r) in snap.resources.range::<str, _>((from, Bound::Unbounded)) {
+                        self.check(n, Some(r), snap, opts, &mut out);
+                        if out.0.len() >= MAX_DELTA_RESOURCES {
+                            self.resume = Some((snap.version(), n.clone()));
+                            return self.response(snap, out);
+                        }
+                    }
+                }
+                let names: Vec<Arc<str>> = self
+                    .names
+                    .iter()
+                    .filter(|n| !(self.wildcard && snap.resources.contains_key(&***n)))
+                    .cloned()
+                    .collect();
+                let gone: Vec<Arc<str>> = self
+                    .known
+                    .keys()
+                    .filter(|n| !self.wants(snap, n))
+                    .cloned()
+                    .collect();
+                for n in names.iter().chain(&gone) {
+                    self.check(n, None, snap, opts, &mut out);
+                }
+            }
+            Scope::Names(names) => {
+                let outside = self
+                    .names
+                    .iter()
+                    .filter(|n| !snap.resources.contains_key(&***n))
+                    .cloned();
+                let mut done = HashSet::new();
+                let all: Vec<Arc<str>> = names
+                    .into_iter()
+                    .chain(outside)
+                    .filter(|n| done.insert(n.clone()))
+                    .collect();
+                for n in &all {
+                    self.check(n, None, snap, opts, &mut out);
+                }
+            }
+        }
+        self.response(snap, out)
+    }
+
+    fn response(
+        &mut self,
+        snap: &NetworkSnapshot,
+        (changed, removed): (Vec<Resource>, Vec<String>),
+    ) -> Option<DeltaDiscoveryResponse> {
         if changed.is_empty() && removed.is_empty() {
             return None;
         }
         self.nonce += 1;
         Some(DeltaDiscoveryResponse {
-            system_version_info: generation.version.to_string(),
+            system_version_info: snap.version().to_string(),
             resources: changed,
             type_url: EDS_TYPE.into(),
             removed_resources: removed,
-            nonce: format!("{}-{}", generation.version, self.nonce),
+            nonce: format!("{}-{}", snap.version(), self.nonce),
             ..Default::default()
         })
     }
 }
+
+#[cfg(test)]
+#[path = "stream/tests.rs"]
+mod tests;

@@ -68,6 +68,11 @@ pub(crate) fn view(cluster_2: &str, web: bool) -> MeshView {
     view
 }
 
+/// `base_view` with more YAML in cluster-2.
+pub(crate) fn view_with(extra: &str) -> MeshView {
+    view(&format!("{CLUSTER_2}{extra}"), true)
+}
+
 pub(crate) fn base_view() -> MeshView {
     view(CLUSTER_2, true)
 }
