@@ -342,3 +342,26 @@ fn nxdomain_sections_exist_for_every_length_below_a_zone() {
             .all(|z| z.nxdomain.len() == MAX_NAME_LEN + 1)
     );
 }
+
+/// Names at the length limit: the fast path and hickory agree on where it lies.
+#[test]
+fn names_of_every_length_match_the_hickory_path() {
+    let h = handler(table());
+    let table = h.table();
+    let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+    let apex = lower_wire(&LowerName::from(Name::from_str("global.").unwrap()));
+    let mut out = Vec::new();
+    for len in [apex.len() + 2, 100, 200, 253, 254, 255, 256, 257] {
+        let Some(name) = name_of_length(&apex, len) else {
+            continue;
+        };
+        let mut raw = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        raw.extend_from_slice(&name);
+        raw.extend_from_slice(&[0, 1, 0, 1]);
+        let reference = h.hickory_reply(&raw, src);
+        match answer(table.wire(), &raw, MAX_UDP, &mut out) {
+            Some(_) => assert_eq!(Some(out.clone()), reference, "name of {len} bytes"),
+            None => assert!(len > MAX_NAME_LEN, "name of {len} bytes left to hickory"),
+        }
+    }
+}
