@@ -5,11 +5,15 @@
 //!    or --config-dir YAML ─────────▶ registry snapshot (watch) ─▶ app.rs table writer
 //!                                                                    │ table.rs: Table::build
 //!                                                                    │ (addresses, stable VIPs,
-//!                                                                    │  conflicts, wildcards, SRV)
+//!                                                                    │  conflicts, wildcards, SRV;
+//!                                                                    │  wire.rs: every plain reply
+//!                                                                    │  prebuilt in wire form)
 //!                                                                    ▼
 //!                                                     watch<Arc<Table>>  (swapped whole)
-//!                                                                    │ one Arc clone per query
-//!  client ─UDP─▶ server.rs recv loop ─┐                              ▼
+//!  client ─UDP─▶ server.rs batch loop (recvmmsg)                     │ one Arc clone per batch
+//!                 │ plain query: wire.rs copies header, question,    │
+//!                 │ prebuilt sections ──────────────────────────────▶ reply (sendmmsg)
+//!                 │ anything else ────┐                              ▼
 //!                                     ├─▶ respond.rs: respond(table, request) -> Reply
 //!  client ─TCP─▶ hickory Server ──────┘        (AA, NOERROR / NODATA+SOA / NXDOMAIN+SOA /
 //!                 (RequestHandler)              REFUSED, EDNS, FORMERR, NOTIMP)
@@ -18,7 +22,8 @@
 //!                                                                  reply
 //! ```
 //!
-//! Answers are computed once per snapshot change; the request path is one lookup. `admin.rs`
+//! Answers are computed once per snapshot change; the request path is one lookup
+//! (for a plain UDP query, one hash of its name and a copy of prepared bytes). `admin.rs`
 //! serves `/config_dump` and `/debug/explain?host=...`, `metrics.rs` the Prometheus counters.
 
 pub mod admin;

@@ -1,16 +1,23 @@
 //! The sockets, around the pure [`crate::respond`] decision.
 //!
-//! - UDP is our own receive loop (one per core, on one socket): decode with hickory-server's
-//!   `Request`, decide, encode within the client's EDNS size (TC when it does not fit), send.
+//! - UDP is our own receive loop (one per core, on one socket), reading and sending batches of
+//!   datagrams with one system call each ([`mmsg`]). A plain query is answered from the bytes
+//!   prepared with the table ([`crate::wire`]); anything else is decoded with hickory-server's
+//!   `Request`, decided, and encoded within the client's EDNS size (TC when it does not fit).
 //!   No task per datagram, and every datagram that is not a query is counted before it is
 //!   dropped or answered FORMERR.
 //! - TCP is hickory-server's `Server` (framing, idle timeout, per-connection tasks) calling
 //!   [`Handler`] through its `RequestHandler` trait.
 //!
-//! Both read the current table with one `Arc` clone; nothing is locked across an `.await`.
+//! Both read the current table with one `Arc` clone (UDP: one per batch); nothing is locked
+//! across an `.await`.
 
+mod mmsg;
+
+use std::io;
 use std::iter;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +27,7 @@ use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +39,10 @@ use crate::respond::{
 };
 use crate::table::Table;
 use crate::wire;
+use mmsg::Batch;
 
 /// Index of `udp` in [`crate::metrics::PROTOCOLS`].
 const UDP: usize = 0;
-
-/// Largest datagram read. Queries are small; anything longer is cut and then fails to decode.
-const UDP_RECV_BUFFER: usize = 4096;
 
 /// Answers queries from the current table. Cheap to clone.
 #[derive(Clone)]
@@ -223,30 +229,64 @@ fn no_response(request: &Request) -> ResponseInfo {
 }
 
 /// Serve queries on a UDP socket until `stop`. Run several on one socket to use more cores.
+///
+/// Each wake-up reads a batch of datagrams in one system call, answers them from one look at
+/// the table, and sends the replies in one system call ([`mmsg`]). A batch in hand is finished
+/// before `stop` is looked at again.
 pub async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, stop: CancellationToken) {
-    let mut buf = vec![0u8; UDP_RECV_BUFFER];
+    let mut batch = Batch::default();
     loop {
-        let received = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
-            r = socket.recv_from(&mut buf) => r,
-        };
-        let (len, src) = match received {
-            Ok(r) => r,
+            ready = socket.readable() => if let Err(e) = ready {
+                debug!(error = %e, "UDP socket no longer pollable");
+                return;
+            },
+        }
+        let fd = socket.as_raw_fd();
+        match socket.try_io(Interest::READABLE, || batch.receive(fd)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 // ICMP errors from earlier sends can surface here; the socket is still good.
                 debug!(error = %e, "UDP receive error");
                 continue;
             }
-        };
-        if src.port() == 0 || src.ip().is_unspecified() {
-            handler.metrics.malformed("bad_source");
-            continue;
         }
-        let Some(reply) = handler.handle_datagram(&buf[..len], src) else {
-            continue;
-        };
-        if let Err(e) = socket.send_to(&reply, src).await {
-            debug!(%src, error = %e, "UDP send failed");
+        let table = handler.table();
+        batch.answer_each(|datagram, src, reply| match src {
+            Some(src) if src.port() != 0 && !src.ip().is_unspecified() => {
+                handler.answer_datagram(&table, datagram, src, reply)
+            }
+            _ => {
+                handler.metrics.malformed("bad_source");
+                false
+            }
+        });
+        drop(table);
+        send_replies(&socket, &mut batch).await;
+    }
+}
+
+/// Send a batch's replies, waiting while the socket buffer is full. A reply the kernel refuses
+/// is logged and skipped, so every round sends or skips at least one.
+async fn send_replies(socket: &UdpSocket, batch: &mut Batch) {
+    let fd = socket.as_raw_fd();
+    let mut sent = 0;
+    while sent < batch.pending() {
+        match socket.try_io(Interest::WRITABLE, || batch.send(fd, sent)) {
+            Ok(n) => sent += n.max(1).min(batch.pending() - sent),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Err(e) = socket.writable().await {
+                    debug!(error = %e, "UDP socket no longer pollable");
+                    return;
+                }
+            }
+            Err(e) => {
+                let src = batch.pending_peer(sent);
+                debug!(?src, error = %e, "UDP send failed");
+                sent += 1;
+            }
         }
     }
 }
