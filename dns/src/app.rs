@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hickory_server::Server;
 use prometheus_client::registry::Registry;
 use registry::SnapshotHandle;
 use registry::admin::{self, Readiness};
@@ -16,15 +15,13 @@ use registry::source::kube::{self as kube_source, KubeError, KubeSource, KubeSou
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::server::{Handler, serve_udp};
+use crate::server::{Handler, serve_tcp, serve_udp};
 use crate::table::{Table, TableOptions};
-
-/// Responses queued per TCP connection before hickory stops reading from it.
-const TCP_RESPONSE_BUFFER: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -51,7 +48,8 @@ pub struct Dns {
     pub readiness: Readiness,
     pub handler: Handler,
     stop: CancellationToken,
-    tcp: Server<Handler>,
+    tcp: tokio::task::JoinHandle<()>,
+    tcp_connections: TaskTracker,
     udp: Vec<tokio::task::JoinHandle<()>>,
     source: Source,
     /// Cancelled when draining starts: a first sync that lands later does not report ready.
@@ -120,8 +118,14 @@ impl Dns {
         let udp_tasks = (0..workers)
             .map(|_| tokio::spawn(serve_udp(udp.clone(), handler.clone(), stop.clone())))
             .collect();
-        let mut tcp = Server::new(handler.clone());
-        tcp.register_listener(tcp_listener, config.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+        let tcp_connections = TaskTracker::new();
+        let tcp = tokio::spawn(serve_tcp(
+            tcp_listener,
+            handler.clone(),
+            config.tcp_idle_timeout,
+            stop.clone(),
+            tcp_connections.clone(),
+        ));
 
         // Ready once the source's first full sync is done: at once for a directory; for the
         // API, after ServiceEntries have been listed. Start does not wait for the API: until
@@ -172,6 +176,7 @@ impl Dns {
             handler,
             stop,
             tcp,
+            tcp_connections,
             udp: udp_tasks,
             source,
             draining,
@@ -186,12 +191,14 @@ impl Dns {
 
     /// Stop answering and close every listener. In-flight TCP queries finish first; then the
     /// source is stopped.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         self.begin_drain();
         self.stop.cancel();
-        if let Err(e) = self.tcp.shutdown_gracefully().await {
-            warn!(error = %e, "TCP server stopped with an error");
+        if let Err(e) = self.tcp.await {
+            warn!(error = %e, "TCP accept loop ended abnormally");
         }
+        self.tcp_connections.close();
+        self.tcp_connections.wait().await;
         for task in self.udp {
             let _ = task.await;
         }

@@ -1,4 +1,4 @@
-//! Authoritative DNS for the mesh's `.global` names, on hickory-server.
+//! Authoritative DNS for the mesh's `.global` names, on hickory's message types.
 //!
 //! ```text
 //!  ServiceEntries: Kubernetes API (list/watch)
@@ -15,8 +15,8 @@
 //!                 │ prebuilt sections ──────────────────────────────▶ reply (sendmmsg)
 //!                 │ anything else ────┐                              ▼
 //!                                     ├─▶ respond.rs: respond(table, request) -> Reply
-//!  client ─TCP─▶ hickory Server ──────┘        (AA, NOERROR / NODATA+SOA / NXDOMAIN+SOA /
-//!                 (RequestHandler)              REFUSED, EDNS, FORMERR, NOTIMP)
+//!  client ─TCP─▶ server/tcp.rs ───────┘        (AA, NOERROR / NODATA+SOA / NXDOMAIN+SOA /
+//!                 (task per connection)         REFUSED, EDNS, FORMERR, NOTIMP)
 //!                                                                    │ encode within the client's
 //!                                                                    ▼ UDP size, else TC
 //!                                                                  reply

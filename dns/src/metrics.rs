@@ -73,7 +73,7 @@ impl Metrics {
         );
         r.register(
             "malformed",
-            "UDP datagrams that were not a decodable query, by reason",
+            "Datagrams and TCP messages that were not a decodable query, by reason",
             m.malformed.clone(),
         );
         r.register(

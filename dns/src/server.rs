@@ -6,27 +6,27 @@
 //!   `Request`, decided, and encoded within the client's EDNS size (TC when it does not fit).
 //!   No task per datagram, and every datagram that is not a query is counted before it is
 //!   dropped or answered FORMERR.
-//! - TCP is hickory-server's `Server` (framing, idle timeout, per-connection tasks) calling
-//!   [`Handler`] through its `RequestHandler` trait.
+//! - TCP is our own accept loop and one task per connection ([`tcp`]): framed messages in
+//!   order, each decoded, decided and encoded whole, malformed ones counted as over UDP.
 //!
 //! Both read the current table with one `Arc` clone (UDP: one per batch); nothing is locked
 //! across an `.await`.
 
 mod mmsg;
+mod tcp;
+
+pub use tcp::serve_tcp;
 
 use std::io;
-use std::iter;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hickory_proto::op::{Header, HeaderCounts, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::server::Request;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -94,7 +94,7 @@ impl Handler {
                 .observe_indexed(qtype, rcode, UDP, start.elapsed());
             return true;
         }
-        match self.hickory_datagram(table, raw, src, start) {
+        match self.hickory_message(table, raw, src, Protocol::Udp, start) {
             Some(reply) => {
                 *out = reply;
                 true
@@ -106,21 +106,31 @@ impl Handler {
     /// The reply through hickory's decoder and encoder only: the reference the fast path is
     /// tested against.
     pub fn hickory_reply(&self, raw: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
-        self.hickory_datagram(&self.table(), raw, src, Instant::now())
+        self.hickory_message(&self.table(), raw, src, Protocol::Udp, Instant::now())
     }
 
-    fn hickory_datagram(
+    /// One TCP message (without its length prefix) in, at most one out. Never panics.
+    pub fn answer_message(&self, raw: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+        self.hickory_message(&self.table(), raw, src, Protocol::Tcp, Instant::now())
+    }
+
+    /// Decode with hickory, decide, encode: within the client's size over UDP (TC when it does
+    /// not fit), whole over TCP. Malformed messages are counted, whichever the transport.
+    fn hickory_message(
         &self,
         table: &Table,
         raw: &[u8],
         src: SocketAddr,
+        protocol: Protocol,
         start: Instant,
     ) -> Option<Vec<u8>> {
-        let request = match Request::from_bytes(raw.to_vec(), src, Protocol::Udp) {
+        let udp = protocol == Protocol::Udp;
+        let label = if udp { "udp" } else { "tcp" };
+        let request = match Request::from_bytes(raw.to_vec(), src, protocol) {
             Ok(r) => r,
             Err(e) => {
                 let (why, reply) = form_error(raw);
-                debug!(%src, error = %e, reason = why.as_str(), "malformed datagram");
+                debug!(%src, error = %e, reason = why.as_str(), protocol = label, "malformed message");
                 self.metrics.malformed(why.as_str());
                 return reply;
             }
@@ -129,20 +139,25 @@ impl Handler {
             self.metrics.malformed(Malformed::Response.as_str());
             return None;
         };
-        // No EDNS: 512 bytes (RFC 1035). With EDNS: the client's size, up to our own limit.
-        let limit = request.max_payload().min(self.max_udp_payload);
+        // UDP without EDNS: 512 bytes (RFC 1035); with EDNS: the client's size, up to our own
+        // limit. TCP: a whole frame.
+        let limit = if udp {
+            request.max_payload().min(self.max_udp_payload)
+        } else {
+            u16::MAX
+        };
         let bytes = match respond::encode(&reply, &request.queries, limit) {
             Ok((bytes, header)) => {
                 if header.truncation {
                     self.metrics.truncated.inc();
                 }
-                self.observe(&reply, header.response_code, "udp", start);
+                self.observe(&reply, header.response_code, label, start);
                 bytes
             }
             Err(e) => {
                 debug!(%src, error = %e, "cannot encode an answer");
                 let (_, servfail) = encode_servfail(&request);
-                self.observe(&reply, ResponseCode::ServFail, "udp", start);
+                self.observe(&reply, ResponseCode::ServFail, label, start);
                 servfail?
             }
         };
@@ -180,52 +195,6 @@ fn encode_servfail(request: &Request) -> (ResponseCode, Option<Vec<u8>>) {
         .ok()
         .map(|(b, _)| b);
     (ResponseCode::ServFail, bytes)
-}
-
-/// The TCP path: hickory-server's `Server` decodes a framed message and calls this.
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let start = Instant::now();
-        let table = self.table();
-        let Some(reply) = respond::respond(&table, request, self.max_udp_payload) else {
-            self.metrics.malformed(Malformed::Response.as_str());
-            return no_response(request);
-        };
-        let response = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
-            reply.metadata,
-            reply.answers.iter(),
-            reply.authorities.iter(),
-            iter::empty(),
-            reply.additionals.iter(),
-        );
-        match response_handle.send_response(response).await {
-            Ok(info) => {
-                self.observe(&reply, info.response_code, "tcp", start);
-                info
-            }
-            Err(e) => {
-                debug!(src = %request.src(), error = %e, "cannot send a TCP answer");
-                self.observe(&reply, ResponseCode::ServFail, "tcp", start);
-                no_response(request)
-            }
-        }
-    }
-}
-
-/// What hickory's server wants back when nothing was sent.
-fn no_response(request: &Request) -> ResponseInfo {
-    let mut metadata =
-        hickory_proto::op::Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
-    metadata.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(Header {
-        metadata,
-        counts: HeaderCounts::default(),
-    })
 }
 
 /// Serve queries on a UDP socket until `stop`. Run several on one socket to use more cores.
@@ -293,7 +262,7 @@ async fn send_replies(socket: &UdpSocket, batch: &mut Batch) {
 
 #[cfg(test)]
 mod tests {
-    use hickory_proto::op::Message;
+    use hickory_proto::op::{Message, MessageType};
     use registry::source::dir::snapshot_from_yaml;
 
     use super::*;

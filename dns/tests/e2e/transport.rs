@@ -196,6 +196,48 @@ async fn garbage_over_tcp_does_not_hurt_other_connections() {
     }
 }
 
+/// Malformed messages over TCP are counted as over UDP: a short one dropped, an undecodable
+/// one answered FORMERR, a response dropped; the connection carries on.
+#[tokio::test]
+async fn malformed_tcp_messages_are_counted() {
+    let f = Fixture::start().await;
+    let mut s = TcpStream::connect(f.addr()).await.unwrap();
+    let mut response = query("httpbin.bar.global.", RecordType::A);
+    response.metadata.message_type = MessageType::Response;
+    let response = response.to_vec().unwrap();
+    let mut frames = Vec::new();
+    for message in [
+        &[1u8, 2, 3][..],
+        &[0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xff][..],
+        &response[..],
+    ] {
+        frames.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        frames.extend_from_slice(message);
+    }
+    s.write_all(&frames).await.unwrap();
+    // Only the undecodable one is answered, and the same connection still answers queries.
+    let mut len = [0u8; 2];
+    tokio::time::timeout(STEP, s.read_exact(&mut len))
+        .await
+        .expect("FORMERR in time")
+        .unwrap();
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut body).await.unwrap();
+    let r = Message::from_vec(&body).unwrap();
+    assert_eq!((r.metadata.id, rcode(&r)), (0x4242, "FORMERR"));
+    let r = tcp_on(&mut s, &query("httpbin.bar.global.", RecordType::A)).await;
+    assert_eq!(a_records(&r), ["240.0.0.2"]);
+    let (_, m) = http_get(f.dns.metrics_addr, "/metrics").await;
+    for line in [
+        "dns_malformed_total{reason=\"short\"} 1",
+        "dns_malformed_total{reason=\"undecodable\"} 1",
+        "dns_malformed_total{reason=\"response\"} 1",
+        "dns_queries_total{type=\"A\",rcode=\"NOERROR\",protocol=\"tcp\"} 1",
+    ] {
+        assert!(m.contains(line), "missing {line}:\n{m}");
+    }
+}
+
 #[tokio::test]
 async fn status_metrics_and_admin_endpoints() {
     let f = Fixture::start().await;
