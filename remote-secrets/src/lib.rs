@@ -12,9 +12,13 @@
 //!          |
 //!   xds/debounce: 100 ms quiet, 1 s max  ->  watch<Generation>
 //!          |
-//!   xds.rs: ADS (SotW + Delta) and EDS streams; per stream: subscriptions, the client's
-//!          network (node metadata NETWORK), eds.rs (pure) computes ClusterLoadAssignments,
-//!          only changed resources go to the streams subscribed to them
+//!   xds/feeds: one task per client network (node metadata NETWORK) with streams, the single
+//!          writer of watch<NetworkSnapshot>: xds/snapshot diffs the views and recomputes only
+//!          the services whose inputs changed through eds.rs (pure), encoding each once
+//!          |
+//!   xds.rs + xds/stream: ADS (SotW + Delta) and EDS streams; per stream: subscriptions and
+//!          the version (u64) of each resource sent; only changed resources go to the streams
+//!          subscribed to them
 //! ```
 //!
 //! `certs.rs` and `remote_secret.rs` are the offline subcommands; `admin.rs` serves

@@ -118,7 +118,7 @@ impl XdsService {
         peer: Option<SocketAddr>,
         api: &'static str,
     ) -> BoxStream<DeltaDiscoveryResponse> {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(2);
         let inner = self.inner.clone();
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("xds", id, api, peer = ?peer);
@@ -275,9 +275,18 @@ async fn run_delta(
                 current = s.clone().or(current);
                 s.and_then(|snap| state.on_generation(&snap, &opts).map(|r| (r, snap)))
             }
-            // The rest of a state cut into parts; the channel's capacity paces it.
-            () = std::future::ready(()), if state.has_more() => {
-                current.clone().and_then(|snap| state.on_more(&snap, &opts).map(|r| (r, snap)))
+            // The rest of a state cut into parts, built only once the previous part has left the
+            // channel: a stream never holds more than two parts (many streams filling at once
+            // otherwise leave hundreds of MiB of freed heap behind).
+            permit = tx.reserve(), if state.has_more() => {
+                let Ok(permit) = permit else { break };
+                if let Some(snap) = current.clone()
+                    && let Some(r) = state.on_more(&snap, &opts)
+                {
+                    inner.metrics.pushed("delta", snap.generation.published.elapsed());
+                    permit.send(Ok(r));
+                }
+                None
             }
         };
         if let Some((response, snap)) = response {

@@ -33,7 +33,7 @@ use crate::eds::EdsOptions;
 pub const EDS_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const WILDCARD: &str = "*";
 /// The most resources one Delta response carries while sending a wildcard state.
-pub const MAX_DELTA_RESOURCES: usize = 1000;
+pub const MAX_DELTA_RESOURCES: usize = 500;
 
 /// What a request meant, for logs and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,15 +264,96 @@ impl SotwStream {
     }
 }
 
+/// What a Delta client holds: `base`'s version of each of `base`'s names, except where `diff`
+/// says otherwise (`None`: not held; a version of 0: one we cannot read). A wildcard stream in
+/// step with its network's snapshot has `base` = that snapshot and an almost empty `diff`, so
+/// it costs a pointer instead of a map of every name.
+#[derive(Debug, Default)]
+struct Held {
+    base: Option<Arc<NetworkSnapshot>>,
+    diff: HashMap<Arc<str>, Option<u64>>,
+}
+
+impl Held {
+    fn base_version(&self, name: &str) -> Option<u64> {
+        Some(self.base.as_ref()?.resources.get(name)?.version)
+    }
+
+    fn get(&self, name: &str) -> Option<u64> {
+        match self.diff.get(name) {
+            Some(v) => *v,
+            None => self.base_version(name),
+        }
+    }
+
+    fn set(&mut self, name: &Arc<str>, version: Option<u64>) {
+        if self.base_version(name) == version {
+            self.diff.remove(name);
+        } else {
+            self.diff.insert(name.clone(), version);
+        }
+    }
+
+    /// Forget `name`; whether it was held.
+    fn remove(&mut self, name: &Arc<str>) -> bool {
+        let held = self.get(name).is_some();
+        if held {
+            self.set(name, None);
+        }
+        held
+    }
+
+    /// Every name held.
+    fn names(&self) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = self
+            .diff
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        if let Some(b) = &self.base {
+            out.extend(
+                b.resources
+                    .keys()
+                    .filter(|n| !self.diff.contains_key(&***n))
+                    .cloned(),
+            );
+        }
+        out
+    }
+
+    /// Express the same state against `base`. Only valid when the client holds `base`'s
+    /// version of every one of `base`'s names (a wildcard stream in step with it) and nothing
+    /// but those and `extra` (`base` `None`: nothing but `extra`).
+    fn rebase<'a>(
+        &mut self,
+        base: Option<Arc<NetworkSnapshot>>,
+        extra: impl Iterator<Item = &'a Arc<str>>,
+    ) {
+        let diff = extra
+            .filter(|n| {
+                !base
+                    .as_ref()
+                    .is_some_and(|b| b.resources.contains_key(&***n))
+            })
+            .filter_map(|n| Some((n.clone(), Some(self.get(n)?))))
+            .collect();
+        self.base = base;
+        self.diff = diff;
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct DeltaStream {
     started: bool,
     wildcard: bool,
     names: HashSet<Arc<str>>,
-    /// name -> the version the client holds (0: one we cannot read).
-    known: HashMap<Arc<str>, u64>,
-    /// The snapshot `known` was last reconciled with.
+    /// What the client holds.
+    held: Held,
+    /// The snapshot `held` was last reconciled with.
     seen: Option<u64>,
+    /// `held` matches everything the stream wants in snapshot `seen` (no part pending).
+    in_step: bool,
     /// A wildcard state sent in part: the snapshot and the last name sent.
     resume: Option<(u64, Arc<str>)>,
     nonce: u64,
@@ -285,7 +366,12 @@ impl DeltaStream {
 
     /// How many resources the client holds, as far as this stream knows.
     pub fn known(&self) -> usize {
-        self.known.len()
+        self.held.names().len()
+    }
+
+    /// How many names this stream records one by one (the rest it shares with a snapshot).
+    pub fn recorded(&self) -> usize {
+        self.held.diff.len()
     }
 
     /// A response was cut at [`MAX_DELTA_RESOURCES`]; [`DeltaStream::on_more`] sends the rest.
@@ -297,7 +383,7 @@ impl DeltaStream {
     /// versions, if the snapshot changed meanwhile).
     pub fn on_more(
         &mut self,
-        snap: &NetworkSnapshot,
+        snap: &Arc<NetworkSnapshot>,
         opts: &EdsOptions,
     ) -> Option<DeltaDiscoveryResponse> {
         self.resume.as_ref()?;
@@ -307,7 +393,7 @@ impl DeltaStream {
     pub fn on_request(
         &mut self,
         req: &DeltaDiscoveryRequest,
-        snap: &NetworkSnapshot,
+        snap: &Arc<NetworkSnapshot>,
         opts: &EdsOptions,
     ) -> (Event, Option<DeltaDiscoveryResponse>) {
         if !is_eds(&req.type_url) {
@@ -324,7 +410,7 @@ impl DeltaStream {
             self.started = true;
             self.wildcard = req.resource_names_subscribe.is_empty();
             for (n, v) in &req.initial_resource_versions {
-                self.known.insert(intern(snap, n), parse_version(v));
+                self.held.set(&intern(snap, n), Some(parse_version(v)));
             }
             all = true;
         }
@@ -337,7 +423,7 @@ impl DeltaStream {
             let n = intern(snap, n);
             // A (re)subscription asks for the resource even if we think it is known.
             if !req.initial_resource_versions.contains_key(&*n) {
-                self.known.remove(&n);
+                self.held.set(&n, None);
             }
             self.names.insert(n.clone());
             touched.push(n);
@@ -350,7 +436,7 @@ impl DeltaStream {
             }
             let n = intern(snap, n);
             self.names.remove(&n);
-            self.known.remove(&n);
+            self.held.set(&n, None);
             touched.push(n);
         }
         let scope = match Scope::since(self.seen, snap) {
@@ -369,7 +455,7 @@ impl DeltaStream {
 
     pub fn on_generation(
         &mut self,
-        snap: &NetworkSnapshot,
+        snap: &Arc<NetworkSnapshot>,
         opts: &EdsOptions,
     ) -> Option<DeltaDiscoveryResponse> {
         if !self.started {
@@ -393,16 +479,16 @@ impl DeltaStream {
         out: &mut (Vec<Resource>, Vec<String>),
     ) {
         if !self.wants(snap, name) {
-            if self.known.remove(name).is_some() {
+            if self.held.remove(name) {
                 out.1.push(name.to_string());
             }
             return;
         }
         let r = r.cloned().unwrap_or_else(|| snap.get(name, opts).0);
-        if self.known.get(name) == Some(&r.version) {
+        if self.held.get(name) == Some(r.version) {
             return;
         }
-        self.known.insert(name.clone(), r.version);
+        self.held.set(name, Some(r.version));
         out.0.push(Resource {
             name: name.to_string(),
             version: version_string(r.version),
@@ -417,7 +503,7 @@ impl DeltaStream {
     fn reconcile(
         &mut self,
         scope: Scope,
-        snap: &NetworkSnapshot,
+        snap: &Arc<NetworkSnapshot>,
         opts: &EdsOptions,
     ) -> Option<DeltaDiscoveryResponse> {
         self.seen = Some(snap.version());
@@ -437,6 +523,7 @@ impl DeltaStream {
                         self.check(n, Some(r), snap, opts, &mut out);
                         if out.0.len() >= MAX_DELTA_RESOURCES {
                             self.resume = Some((snap.version(), n.clone()));
+                            self.in_step = false;
                             return self.response(snap, out);
                         }
                     }
@@ -447,15 +534,12 @@ impl DeltaStream {
                     .filter(|n| !(self.wildcard && snap.resources.contains_key(&***n)))
                     .cloned()
                     .collect();
-                let gone: Vec<Arc<str>> = self
-                    .known
-                    .keys()
-                    .filter(|n| !self.wants(snap, n))
-                    .cloned()
-                    .collect();
+                let mut gone = self.held.names();
+                gone.retain(|n| !self.wants(snap, n));
                 for n in names.iter().chain(&gone) {
                     self.check(n, None, snap, opts, &mut out);
                 }
+                self.in_step = true;
             }
             Scope::Names(names) => {
                 let outside = self
@@ -472,6 +556,17 @@ impl DeltaStream {
                 for n in &all {
                     self.check(n, None, snap, opts, &mut out);
                 }
+            }
+        }
+        if self.in_step {
+            let base = self.wildcard.then(|| snap.clone());
+            let same = match (&base, &self.held.base) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                self.held.rebase(base, self.names.iter());
             }
         }
         self.response(snap, out)

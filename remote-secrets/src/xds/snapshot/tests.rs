@@ -105,16 +105,16 @@ pub(crate) fn generation(version: u64, view: MeshView) -> Arc<Generation> {
 }
 
 pub(crate) fn snap(
-    previous: Option<&NetworkSnapshot>,
+    previous: Option<&Arc<NetworkSnapshot>>,
     version: u64,
     view: MeshView,
-) -> NetworkSnapshot {
-    build(
-        previous,
+) -> Arc<NetworkSnapshot> {
+    Arc::new(build(
+        previous.map(|p| &**p),
         generation(version, view),
         "network1",
         &EdsOptions::default(),
-    )
+    ))
 }
 
 fn names_of(s: &NetworkSnapshot) -> BTreeSet<String> {

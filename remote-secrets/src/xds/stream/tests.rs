@@ -54,6 +54,8 @@ fn delta_gets_exactly_the_changed_resources() {
     let r = r.expect("the full state");
     assert_eq!(r.resources.len(), s1.resources.len());
     assert!(r.removed_resources.is_empty());
+    // In step with the snapshot: nothing recorded name by name.
+    assert_eq!((d.known(), d.recorded()), (s1.resources.len(), 0));
     // The ACK asks nothing new.
     let (event, again) = d.on_request(&delta_req(&[], &[], &r.nonce), &s1, &opts());
     assert_eq!((event, again), (Event::Ack, None));
@@ -75,7 +77,7 @@ fn delta_gets_exactly_the_changed_resources() {
     assert_ne!(r2.nonce, r.nonce);
     // Seen: nothing more for the same snapshot.
     assert!(d.on_generation(&s2, &opts()).is_none());
-    assert_eq!(d.known(), s2.resources.len());
+    assert_eq!((d.known(), d.recorded()), (s2.resources.len(), 0));
 }
 
 #[test]
@@ -119,6 +121,7 @@ fn delta_named_subscriptions_and_unsubscribe() {
         names(&r),
         BTreeSet::from([HTTPBIN.to_string(), unknown.to_string()])
     );
+    assert_eq!((d.known(), d.recorded()), (2, 2));
     let empty = r.resources.iter().find(|r| r.name == unknown).unwrap();
     assert!(
         cla(&empty.resource.as_ref().unwrap().value)
@@ -280,5 +283,24 @@ fn a_large_delta_state_comes_in_parts_even_across_a_change() {
     // Only a changed name may come twice (before and after the change).
     assert!(got.len() - unique.len() <= s2.changed.len());
     assert!(d.on_generation(&s2, &opts()).is_none());
-    assert_eq!(d.known(), all.len());
+    assert_eq!((d.known(), d.recorded()), (all.len(), 0));
+}
+
+#[test]
+fn delta_wildcard_off_and_on_again() {
+    let s1 = snap(None, 1, base_view());
+    let mut d = DeltaStream::default();
+    let (_, r) = d.on_request(&delta_req(&["*", HTTPBIN], &[], ""), &s1, &opts());
+    assert_eq!(r.unwrap().resources.len(), s1.resources.len());
+    // Dropping the wildcard removes everything but the named resource.
+    let (_, r) = d.on_request(&delta_req(&[], &["*"], "1-1"), &s1, &opts());
+    let r = r.unwrap();
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources.len(), s1.resources.len() - 1);
+    assert!(!r.removed_resources.iter().any(|n| n == HTTPBIN));
+    assert_eq!((d.known(), d.recorded()), (1, 1));
+    // Taking it again sends the others again.
+    let (_, r) = d.on_request(&delta_req(&["*"], &[], "1-2"), &s1, &opts());
+    assert_eq!(r.unwrap().resources.len(), s1.resources.len() - 1);
+    assert_eq!((d.known(), d.recorded()), (s1.resources.len(), 0));
 }
