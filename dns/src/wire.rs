@@ -27,6 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use hickory_proto::op::{Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{LowerName, Name, RecordType};
@@ -189,7 +190,8 @@ pub fn answer(
 }
 
 /// The record sections of one reply, encoded at the offset they take after the question.
-#[derive(Debug)]
+/// Shared: most names' NODATA replies are the same bytes (the SOA at the same offset).
+#[derive(Debug, PartialEq, Eq, Hash)]
 struct Sections {
     rcode: ResponseCode,
     authoritative: bool,
@@ -227,7 +229,7 @@ fn type_slot(qtype: u16) -> usize {
 #[derive(Debug)]
 struct ZoneReplies {
     apex: Box<[u8]>,
-    nxdomain: Vec<Option<Sections>>,
+    nxdomain: Vec<Option<Arc<Sections>>>,
 }
 
 /// Every reply of a table that the fast path can send, prepared when the table is built.
@@ -235,15 +237,17 @@ struct ZoneReplies {
 pub struct Prebuilt {
     /// By lower-cased wire name: the table's names (hosts, SRV names, empty non-terminals) and
     /// the zone apexes. `None` in a slot: encoding failed; the hickory path answers.
-    names: HashMap<Box<[u8]>, [Option<Sections>; NAME_TYPES.len()]>,
+    names: HashMap<Box<[u8]>, [Option<Arc<Sections>>; NAME_TYPES.len()]>,
     zones: Vec<ZoneReplies>,
     /// The names wildcards answer below (`w.global.` for `*.w.global`), lower-cased wire form.
     wildcards: HashSet<Box<[u8]>>,
-    refused: Option<Sections>,
+    refused: Option<Arc<Sections>>,
 }
 
 impl Prebuilt {
     pub fn build(table: &Table) -> Prebuilt {
+        let mut shared = HashSet::new();
+        let mut share = |sections: Option<Sections>| sections.map(|s| intern(&mut shared, s));
         let mut names = HashMap::new();
         let apexes = table.zones().map(|z| &z.apex);
         for name in table.exact_names().chain(apexes) {
@@ -251,7 +255,7 @@ impl Prebuilt {
             if names.contains_key(&wire) {
                 continue;
             }
-            let replies = NAME_TYPES.map(|qtype| decided_sections(table, name, qtype));
+            let replies = NAME_TYPES.map(|qtype| share(decided_sections(table, name, qtype)));
             names.insert(wire, replies);
         }
         let zones = table
@@ -264,16 +268,16 @@ impl Prebuilt {
                         reply.metadata.authoritative = true;
                         reply.authorities = zone.soa();
                         let qname = name_of_length(&apex, len)?;
-                        sections_of(&reply, &qname)
+                        share(sections_of(&reply, &qname))
                     })
                     .collect();
                 ZoneReplies { apex, nxdomain }
             })
             .collect();
-        let refused = sections_of(
+        let refused = share(sections_of(
             &reply_without_records(ResponseCode::Refused),
             &[0], // any name: there are no records
-        );
+        ));
         Prebuilt {
             names,
             zones,
@@ -285,17 +289,17 @@ impl Prebuilt {
     /// The sections for a lower-cased wire name; `None`: the hickory path answers.
     fn sections(&self, name: &[u8], qtype: u16) -> Option<&Sections> {
         if let Some(replies) = self.names.get(name) {
-            return replies[type_slot(qtype)].as_ref();
+            return replies[type_slot(qtype)].as_deref();
         }
         // Not a name of the table: REFUSED outside the zones, else NXDOMAIN unless a wildcard
         // answers it (as `Table::locate`).
         let Some((zone, apex_at)) = self.zone_of(name) else {
-            return self.refused.as_ref();
+            return self.refused.as_deref();
         };
         if self.below_wildcard(name, apex_at) {
             return None;
         }
-        zone.nxdomain.get(name.len())?.as_ref()
+        zone.nxdomain.get(name.len())?.as_deref()
     }
 
     /// The most specific zone holding `name`, and where its apex starts in `name`.
@@ -327,6 +331,16 @@ impl Prebuilt {
         }
         false
     }
+}
+
+/// The one shared copy of `sections`.
+fn intern(shared: &mut HashSet<Arc<Sections>>, sections: Sections) -> Arc<Sections> {
+    if let Some(known) = shared.get(&sections) {
+        return known.clone();
+    }
+    let sections = Arc::new(sections);
+    shared.insert(sections.clone());
+    sections
 }
 
 /// A name in wire form, lower case.

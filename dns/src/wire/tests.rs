@@ -365,3 +365,17 @@ fn names_of_every_length_match_the_hickory_path() {
         }
     }
 }
+
+/// Identical sections are kept once: every NODATA of a name is one allocation.
+#[test]
+fn identical_sections_are_shared() {
+    let t = table();
+    let name = lower_wire(&LowerName::from(
+        Name::from_str("httpbin.bar.global.").unwrap(),
+    ));
+    let replies = &t.wire().names[&name];
+    let (soa, ns, other) = (&replies[3], &replies[4], &replies[6]);
+    assert!(Arc::ptr_eq(soa.as_ref().unwrap(), other.as_ref().unwrap()));
+    assert!(Arc::ptr_eq(ns.as_ref().unwrap(), other.as_ref().unwrap()));
+    assert_eq!(other.as_ref().unwrap().answers, 0);
+}
