@@ -56,6 +56,7 @@ impl Gateway {
 
         let listener =
             admin::bind(config.listen, "the TLS passthrough listener (--listen)").await?;
+        defer_accept(&listener, config.peek_timeout);
         let status = admin::bind(config.status_listen, "readiness (--status-listen)").await?;
         let metrics_l = admin::bind(config.metrics_listen, "metrics (--metrics-listen)").await?;
         let admin_l = admin::bind(config.admin_listen, "admin (--admin-listen)").await?;
@@ -233,6 +234,34 @@ fn spawn_route_writer(
         }
     });
     rx
+}
+
+/// Hand us a connection only once its first bytes (the ClientHello) have arrived, as nginx's
+/// `deferred` does: TLS clients speak first, so this saves a read that would find nothing and
+/// a wake-up per connection, and a client that never speaks costs the gateway nothing. The
+/// kernel still passes on a silent connection after about `peek_timeout` (then the peek
+/// deadline applies as usual).
+fn defer_accept(listener: &TcpListener, peek_timeout: Duration) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let secs = peek_timeout.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
+        // SAFETY: a valid socket and a pointer to an int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&secs as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            warn!(error = %std::io::Error::last_os_error(), "TCP_DEFER_ACCEPT not set; connections are accepted before their first bytes");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (listener, peek_timeout);
 }
 
 async fn accept_loop(

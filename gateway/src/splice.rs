@@ -19,7 +19,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -43,7 +43,9 @@ pub enum Ended {
     IdleTimeout,
 }
 
-/// Copy until both directions end, an error, or `idle` passes with no byte either way.
+/// Copy until both directions end, an error, or `idle` passes with no byte either way. The
+/// caller then closes both sockets: the last direction to end leaves passing on its FIN to
+/// that close, which saves a `shutdown` per connection.
 pub async fn copy_bidirectional(
     client: &TcpStream,
     server: &TcpStream,
@@ -52,10 +54,23 @@ pub async fn copy_bidirectional(
 ) -> io::Result<Ended> {
     let now = crate::balance::now_ms;
     transfer.last_activity.store(now(), Ordering::Relaxed);
+    let one_ended = AtomicBool::new(false);
     let both = async {
         tokio::try_join!(
-            one_way(client, server, &transfer.up, &transfer.last_activity),
-            one_way(server, client, &transfer.down, &transfer.last_activity),
+            one_way(
+                client,
+                server,
+                &transfer.up,
+                &transfer.last_activity,
+                &one_ended
+            ),
+            one_way(
+                server,
+                client,
+                &transfer.down,
+                &transfer.last_activity,
+                &one_ended
+            ),
         )
     };
     tokio::pin!(both);
@@ -75,9 +90,13 @@ pub async fn copy_bidirectional(
     }
 }
 
-fn shutdown_write(s: &TcpStream) {
-    // The peer may already be gone; the other direction will notice.
-    let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
+/// `from` sent its last byte: pass the half-close on to `to`. When the other direction has
+/// already ended, both sockets are about to be closed (which sends the FIN), so skip the call.
+fn end_of_stream(to: &TcpStream, one_ended: &AtomicBool) {
+    if !one_ended.swap(true, Ordering::Relaxed) {
+        // The peer may already be gone; the other direction will notice.
+        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+    }
 }
 
 /// Consecutive full scratch-buffer reads after which a direction switches to splice.
@@ -107,6 +126,7 @@ async fn one_way(
     to: &TcpStream,
     count: &AtomicU64,
     activity: &AtomicU64,
+    one_ended: &AtomicBool,
 ) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     let mut full_reads = 0u32;
@@ -115,14 +135,14 @@ async fn one_way(
     loop {
         #[cfg(target_os = "linux")]
         if full_reads >= BULK_AFTER_FULL_READS {
-            return splice_one_way(from, to, count, activity).await;
+            return splice_one_way(from, to, count, activity, one_ended).await;
         }
         from.readable().await?;
         let step = SCRATCH.with_borrow_mut(|buf| copy_step(from, to, buf, &mut pending))?;
         match step {
             None => continue,
             Some(Step::Eof) => {
-                shutdown_write(to);
+                end_of_stream(to, one_ended);
                 return Ok(());
             }
             Some(Step::Read { n, full }) => {
@@ -206,6 +226,7 @@ async fn splice_one_way(
     to: &TcpStream,
     count: &AtomicU64,
     activity: &AtomicU64,
+    one_ended: &AtomicBool,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
 
@@ -215,7 +236,7 @@ async fn splice_one_way(
         let moved = from.try_io(Interest::READABLE, || pipe.splice_in(from.as_raw_fd()));
         let mut pending = match moved {
             Ok(0) => {
-                shutdown_write(to);
+                end_of_stream(to, one_ended);
                 return Ok(());
             }
             Ok(n) => n,
@@ -314,12 +335,22 @@ mod tests {
         (a, b)
     }
 
+    /// Copy, then close both sockets, as the proxy does when a connection ends.
+    async fn pump(
+        gw_client: TcpStream,
+        gw_server: TcpStream,
+        idle: Duration,
+        transfer: &Transfer,
+    ) -> io::Result<Ended> {
+        copy_bidirectional(&gw_client, &gw_server, idle, transfer).await
+    }
+
     #[tokio::test]
     async fn copies_both_ways_with_half_close() {
         let (mut client, gw_client) = pair().await;
         let (gw_server, mut server) = pair().await;
         let transfer = Transfer::default();
-        let pump = copy_bidirectional(&gw_client, &gw_server, Duration::from_secs(10), &transfer);
+        let pump = pump(gw_client, gw_server, Duration::from_secs(10), &transfer);
         let peers = async {
             let big = vec![7u8; 1 << 20];
             client.write_all(&big).await.unwrap();
@@ -365,7 +396,7 @@ mod tests {
         let (mut client, gw_client) = pair().await;
         let (gw_server, mut server) = pair().await;
         let transfer = Transfer::default();
-        let pump = copy_bidirectional(&gw_client, &gw_server, Duration::from_secs(10), &transfer);
+        let pump = pump(gw_client, gw_server, Duration::from_secs(10), &transfer);
         let peers = async {
             let mut buf = [0u8; 100];
             for i in 0..2000u32 {
@@ -401,7 +432,7 @@ mod tests {
         client.shutdown().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let transfer = Transfer::default();
-        let pump = copy_bidirectional(&gw_client, &gw_server, Duration::from_secs(10), &transfer);
+        let pump = pump(gw_client, gw_server, Duration::from_secs(10), &transfer);
         let peers = async {
             let mut got = Vec::new();
             server.read_to_end(&mut got).await.unwrap();
@@ -422,7 +453,7 @@ mod tests {
         let (mut client, gw_client) = pair().await;
         let (gw_server, mut server) = pair().await;
         let transfer = Transfer::default();
-        let pump = copy_bidirectional(&gw_client, &gw_server, Duration::from_secs(10), &transfer);
+        let pump = pump(gw_client, gw_server, Duration::from_secs(10), &transfer);
         const LEN: usize = 3 << 20;
         let pattern = |i: usize| (i % 253) as u8;
         let send = async {

@@ -189,8 +189,10 @@ fn running_out_of_descriptors_does_not_eject_the_endpoint() {
         }
     }
     if FD_LIMIT - held == 2 {
-        // An accepted connection still waiting for its ClientHello takes one.
-        clients.push(TcpStream::connect(gw.listen).unwrap());
+        // An accepted connection still waiting for the rest of its ClientHello takes one.
+        let mut c = TcpStream::connect(gw.listen).unwrap();
+        c.write_all(&HELLO[..5]).unwrap();
+        clients.push(c);
         held += 1;
         gw.wait_fds(held);
     }
