@@ -1,7 +1,7 @@
 //! The sockets, around the pure [`crate::respond`] decision.
 //!
-//! - UDP is our own receive loop (one per core, on one socket), reading and sending batches of
-//!   datagrams with one system call each ([`mmsg`]). A plain query is answered from the bytes
+//! - UDP is our own receive loop (one per core, each on its own SO_REUSEPORT socket), reading
+//!   and sending batches of datagrams with one system call each ([`mmsg`]). A plain query is answered from the bytes
 //!   prepared with the table ([`crate::wire`]); anything else is decoded with hickory-server's
 //!   `Request`, decided, and encoded within the client's EDNS size (TC when it does not fit).
 //!   No task per datagram, and every datagram that is not a query is counted before it is
@@ -197,7 +197,8 @@ fn encode_servfail(request: &Request) -> (ResponseCode, Option<Vec<u8>>) {
     (ResponseCode::ServFail, bytes)
 }
 
-/// Serve queries on a UDP socket until `stop`. Run several on one socket to use more cores.
+/// Serve queries on a UDP socket until `stop`. Run one per socket (SO_REUSEPORT) to use more
+/// cores.
 ///
 /// Each wake-up reads a batch of datagrams in one system call, answers them from one look at
 /// the table, and sends the replies in one system call ([`mmsg`]). A batch in hand is finished
