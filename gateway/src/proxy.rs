@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, field, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use crate::balance::{self, Backend, Ejection};
 use crate::hello::{self, AlertDescription, ClientHello, HelloError, Parsed};
@@ -132,13 +132,19 @@ impl Proxy {
         stop: CancellationToken,
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let span = info_span!("conn", id, %peer, sni = field::Empty, service = field::Empty);
+        // Debug level: at the default level a span would cost every open connection its
+        // formatted fields (a few hundred bytes); the access log line carries them instead.
+        let span = debug_span!("conn", id, %peer, sni = field::Empty, service = field::Empty);
         self.serve_inner(client, peer, stop).instrument(span).await
     }
 
     async fn serve_inner(&self, mut client: TcpStream, peer: SocketAddr, stop: CancellationToken) {
         let start = Instant::now();
-        let (route, hello, upstream, backend) = match self.route(&mut client, peer).await {
+        // Boxed: the routing phase's futures (peek and connect, with their timers) are
+        // larger than the copy phase's, and an unboxed state would keep that size for the
+        // whole life of every connection.
+        let routed = Box::pin(self.route(&mut client, peer)).await;
+        let (route, sni, upstream, backend) = match routed {
             Ok(r) => r,
             Err(failure) => {
                 self.metrics.reject(failure.reason(), failure.service());
@@ -177,7 +183,8 @@ impl Proxy {
         outcome_counter.inc();
         info!(
             target: "access",
-            sni = hello.sni.as_deref().unwrap_or(""),
+            %peer,
+            sni = sni.as_deref().unwrap_or(""),
             service = %route.service,
             subset = route.subset.as_deref().unwrap_or(""),
             endpoint = %backend.addr,
@@ -196,7 +203,7 @@ impl Proxy {
         &self,
         client: &mut TcpStream,
         peer: SocketAddr,
-    ) -> Result<(Route, ClientHello, TcpStream, Backend), Failure> {
+    ) -> Result<(Route, Option<String>, TcpStream, Backend), Failure> {
         self.metrics.accepted.inc();
         let allow = &self.settings.allow_source;
         if !allow.is_empty() && !allow.iter().any(|c| c.contains(&peer.ip())) {
@@ -217,7 +224,8 @@ impl Proxy {
         let route = table.decide(&hello)?;
         span.record("service", field::display(&route.service));
         let (upstream, backend) = self.connect(&route, &peeked).await?;
-        Ok((route, hello, upstream, backend))
+        // Keep only the server name (for the access log), not the whole parsed hello.
+        Ok((route, hello.sni, upstream, backend))
     }
 
     /// Connect to a ready endpoint and replay the ClientHello; on failure try up to

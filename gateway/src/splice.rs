@@ -19,7 +19,8 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -46,57 +47,64 @@ pub enum Ended {
 /// Copy until both directions end, an error, or `idle` passes with no byte either way. The
 /// caller then closes both sockets: the last direction to end leaves passing on its FIN to
 /// that close, which saves a `shutdown` per connection.
+///
+/// Written as one poll function over two small [`Direction`] states rather than two async
+/// loops: every open connection keeps this future, and awaiting readiness futures would cost
+/// each connection about a kilobyte more (tokio keeps the wakers of `poll_*_ready` in the
+/// socket's own registration instead).
 pub async fn copy_bidirectional(
     client: &TcpStream,
     server: &TcpStream,
     idle: Duration,
     transfer: &Transfer,
 ) -> io::Result<Ended> {
-    let now = crate::balance::now_ms;
-    transfer.last_activity.store(now(), Ordering::Relaxed);
-    let one_ended = AtomicBool::new(false);
-    let both = async {
-        tokio::try_join!(
-            one_way(
-                client,
-                server,
-                &transfer.up,
-                &transfer.last_activity,
-                &one_ended
-            ),
-            one_way(
-                server,
-                client,
-                &transfer.down,
-                &transfer.last_activity,
-                &one_ended
-            ),
-        )
-    };
-    tokio::pin!(both);
-    let idle_ms = idle.as_millis() as u64;
-    loop {
-        let since = now().saturating_sub(transfer.last_activity.load(Ordering::Relaxed));
-        let wait = Duration::from_millis(idle_ms.saturating_sub(since).max(1));
-        tokio::select! {
-            r = &mut both => return r.map(|_| Ended::Closed),
-            _ = tokio::time::sleep(wait) => {
-                let since = now().saturating_sub(transfer.last_activity.load(Ordering::Relaxed));
-                if since >= idle_ms {
-                    return Ok(Ended::IdleTimeout);
-                }
+    transfer
+        .last_activity
+        .store(crate::balance::now_ms(), Ordering::Relaxed);
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    std::future::poll_fn(|cx| {
+        if !up.done
+            && let Poll::Ready(r) = up.poll(cx, client, server, &transfer.up, transfer)
+        {
+            r?;
+            up.done = true;
+            if !down.done {
+                half_close(server);
             }
         }
-    }
+        if !down.done
+            && let Poll::Ready(r) = down.poll(cx, server, client, &transfer.down, transfer)
+        {
+            r?;
+            down.done = true;
+            if !up.done {
+                half_close(client);
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(Ok(Ended::Closed));
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let since = crate::balance::now_ms()
+                .saturating_sub(transfer.last_activity.load(Ordering::Relaxed));
+            let left = idle.saturating_sub(Duration::from_millis(since));
+            if left.is_zero() {
+                return Poll::Ready(Ok(Ended::IdleTimeout));
+            }
+            timer.as_mut().reset(tokio::time::Instant::now() + left);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
-/// `from` sent its last byte: pass the half-close on to `to`. When the other direction has
-/// already ended, both sockets are about to be closed (which sends the FIN), so skip the call.
-fn end_of_stream(to: &TcpStream, one_ended: &AtomicBool) {
-    if !one_ended.swap(true, Ordering::Relaxed) {
-        // The peer may already be gone; the other direction will notice.
-        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-    }
+/// `from` sent its last byte while the other direction goes on: pass the half-close on.
+fn half_close(to: &TcpStream) {
+    // The peer may already be gone; the other direction will notice.
+    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
 }
 
 /// Consecutive full scratch-buffer reads after which a direction switches to splice.
@@ -111,68 +119,140 @@ thread_local! {
         std::cell::RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
 }
 
+/// One direction's state: a few words while idle.
+#[derive(Default)]
+struct Direction {
+    /// Bytes read but not yet accepted by the writer; empty (no allocation) almost always.
+    pending: Vec<u8>,
+    /// How much of `pending` was written.
+    written: usize,
+    /// Full scratch-buffer reads in a row.
+    #[cfg(target_os = "linux")]
+    full_reads: u32,
+    /// Bulk mode, once the direction kept filling the scratch buffer.
+    #[cfg(target_os = "linux")]
+    splice: Option<SpliceState>,
+    done: bool,
+}
+
+#[cfg(target_os = "linux")]
+struct SpliceState {
+    pipe: Pipe,
+    /// Bytes in the pipe, not yet spliced out.
+    in_pipe: usize,
+}
+
+impl Direction {
+    /// Move bytes until `from` is drained (Pending) or has ended (Ready(Ok)).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        count: &AtomicU64,
+        transfer: &Transfer,
+    ) -> Poll<io::Result<()>> {
+        let moved = |n: usize| {
+            count.fetch_add(n as u64, Ordering::Relaxed);
+            transfer
+                .last_activity
+                .store(crate::balance::now_ms(), Ordering::Relaxed);
+        };
+        loop {
+            // What `to` did not take yet goes first, in order.
+            while self.written < self.pending.len() {
+                ready!(to.poll_write_ready(cx))?;
+                match to.try_write(&self.pending[self.written..]) {
+                    Ok(n) => {
+                        self.written += n;
+                        moved(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            if self.pending.capacity() > 0 {
+                // Do not keep a buffer on a connection that may now sit idle for hours.
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            #[cfg(target_os = "linux")]
+            if self.full_reads >= BULK_AFTER_FULL_READS {
+                return self.poll_splice(cx, from, to, &moved);
+            }
+            ready!(from.poll_read_ready(cx))?;
+            let step =
+                SCRATCH.with_borrow_mut(|buf| copy_step(from, to, buf, &mut self.pending))?;
+            match step {
+                None => {}
+                Some(Step::Eof) => return Poll::Ready(Ok(())),
+                Some(Step::Read { n, full }) => {
+                    #[cfg(target_os = "linux")]
+                    {
+                        self.full_reads = if full { self.full_reads + 1 } else { 0 };
+                    }
+                    #[cfg(not(target_os = "linux"))]
+                    let _ = full;
+                    moved(n - self.pending.len());
+                }
+            }
+        }
+    }
+
+    /// Bulk: socket -> pipe -> socket with `splice(2)`. A short splice does not prove the
+    /// socket drained (the pipe may have run out of slots), so this side reads until EAGAIN.
+    #[cfg(target_os = "linux")]
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        moved: &dyn Fn(usize),
+    ) -> Poll<io::Result<()>> {
+        use std::os::fd::AsRawFd;
+        if self.splice.is_none() {
+            self.splice = Some(SpliceState {
+                pipe: Pipe::new()?,
+                in_pipe: 0,
+            });
+        }
+        let state = self.splice.as_mut().expect("created above");
+        loop {
+            if state.in_pipe > 0 {
+                ready!(to.poll_write_ready(cx))?;
+                match to.try_io(Interest::WRITABLE, || {
+                    state.pipe.splice_out(to.as_raw_fd(), state.in_pipe)
+                }) {
+                    Ok(n) => {
+                        state.in_pipe -= n;
+                        moved(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            ready!(from.poll_read_ready(cx))?;
+            match from.try_io(Interest::READABLE, || {
+                state.pipe.splice_in(from.as_raw_fd())
+            }) {
+                Ok(0) => return Poll::Ready(Ok(())),
+                Ok(n) => state.in_pipe = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
 /// What one read-and-forward step saw.
 enum Step {
     Eof,
-    /// Moved this many bytes from the reader (some may still wait in `pending`).
+    /// Read this many bytes (those `to` did not take are in `pending`).
     Read {
         n: usize,
         full: bool,
     },
-}
-
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    count: &AtomicU64,
-    activity: &AtomicU64,
-    one_ended: &AtomicBool,
-) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    let mut full_reads = 0u32;
-    // Bytes read but not yet accepted by `to`; empty (no allocation) almost always.
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        #[cfg(target_os = "linux")]
-        if full_reads >= BULK_AFTER_FULL_READS {
-            return splice_one_way(from, to, count, activity, one_ended).await;
-        }
-        from.readable().await?;
-        let step = SCRATCH.with_borrow_mut(|buf| copy_step(from, to, buf, &mut pending))?;
-        match step {
-            None => continue,
-            Some(Step::Eof) => {
-                end_of_stream(to, one_ended);
-                return Ok(());
-            }
-            Some(Step::Read { n, full }) => {
-                #[cfg(target_os = "linux")]
-                {
-                    full_reads = if full { full_reads + 1 } else { 0 };
-                }
-                #[cfg(not(target_os = "linux"))]
-                let _ = full;
-                // What `to` did not take yet waits here, in order, before the next read.
-                let sent_now = n - pending.len();
-                count.fetch_add(sent_now as u64, Ordering::Relaxed);
-                let mut off = 0;
-                while off < pending.len() {
-                    to.writable().await?;
-                    match to.try_write(&pending[off..]) {
-                        Ok(w) => {
-                            off += w;
-                            count.fetch_add(w as u64, Ordering::Relaxed);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                // Do not keep a buffer on a connection that may now sit idle for hours.
-                pending = Vec::new();
-                activity.store(crate::balance::now_ms(), Ordering::Relaxed);
-            }
-        }
-    }
 }
 
 /// One `recv` into `buf` and one `send` of what it got; the rest goes to `pending`.
@@ -216,48 +296,6 @@ fn copy_step(
         n,
         full: n == buf.len(),
     }))
-}
-
-/// Bulk: socket -> pipe -> socket with `splice(2)`. A short splice does not prove the socket
-/// drained (the pipe may have run out of slots), so this side reads until EAGAIN.
-#[cfg(target_os = "linux")]
-async fn splice_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    count: &AtomicU64,
-    activity: &AtomicU64,
-    one_ended: &AtomicBool,
-) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-
-    let pipe = Pipe::new()?;
-    loop {
-        from.readable().await?;
-        let moved = from.try_io(Interest::READABLE, || pipe.splice_in(from.as_raw_fd()));
-        let mut pending = match moved {
-            Ok(0) => {
-                end_of_stream(to, one_ended);
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        while pending > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                pipe.splice_out(to.as_raw_fd(), pending)
-            }) {
-                Ok(n) => {
-                    pending -= n;
-                    count.fetch_add(n as u64, Ordering::Relaxed);
-                    activity.store(crate::balance::now_ms(), Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
 }
 
 /// A non-blocking pipe used as the in-kernel buffer of one direction.
