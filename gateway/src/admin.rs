@@ -122,7 +122,7 @@ pub fn explain(table: &RouteTable, q: &ExplainQuery) -> Explanation {
             alert: None,
             service: Some(route.service.to_string()),
             port: Some(route.port),
-            subset: route.subset.clone(),
+            subset: route.subset.as_deref().map(str::to_string),
             endpoints: route
                 .backends
                 .iter()

@@ -255,7 +255,7 @@ impl Proxy {
                     message,
                 }) => {
                     return Err(Failure::LocalResources {
-                        service: route.service.clone(),
+                        service: registry::ServiceName::clone(&route.service),
                         error: message,
                     });
                 }
@@ -275,7 +275,7 @@ impl Proxy {
             }
         }
         Err(Failure::ConnectFailed {
-            service: route.service.clone(),
+            service: registry::ServiceName::clone(&route.service),
             tried: tried
                 .iter()
                 .map(|a| a.to_string())

@@ -42,9 +42,10 @@ pub struct RouteOptions {
 /// A decided route: where this connection may go.
 #[derive(Clone, Debug)]
 pub struct Route {
-    pub service: ServiceName,
+    /// Shared with the table: deciding a route allocates nothing.
+    pub service: Arc<ServiceName>,
     pub port: u16,
-    pub subset: Option<String>,
+    pub subset: Option<Arc<str>>,
     /// Ready endpoints, with their target port. Never empty.
     pub backends: Arc<[Backend]>,
 }
@@ -139,7 +140,8 @@ pub struct RouteTable {
 
 #[derive(Debug, Serialize)]
 pub struct HostRoutes {
-    pub service: ServiceName,
+    #[serde(serialize_with = "ser_arc")]
+    pub service: Arc<ServiceName>,
     pub exported: bool,
     pub ports: Vec<PortRoutes>,
     /// Subset names defined for the service (even those with no ready endpoint).
@@ -153,7 +155,7 @@ pub struct PortRoutes {
     #[serde(serialize_with = "ser_backends")]
     pub all: Arc<[Backend]>,
     #[serde(serialize_with = "ser_subsets")]
-    pub subsets: HashMap<String, Arc<[Backend]>>,
+    pub subsets: HashMap<Arc<str>, Arc<[Backend]>>,
 }
 
 impl RouteTable {
@@ -191,7 +193,7 @@ impl RouteTable {
                     .iter()
                     .map(|(name, labels)| {
                         (
-                            name.clone(),
+                            Arc::from(name.as_str()),
                             self.backends(service, port, Some(labels), previous),
                         )
                     })
@@ -205,7 +207,7 @@ impl RouteTable {
             })
             .collect();
         HostRoutes {
-            service: service.name.clone(),
+            service: Arc::new(service.name.clone()),
             exported: service.exported || options.export_policy == ExportPolicy::All,
             ports,
             subsets: service.subsets.keys().cloned().collect(),
@@ -272,42 +274,46 @@ impl RouteTable {
             None => return Err(Reject::OutsideSuffix(host.to_string())),
         };
         if !routes.exported {
-            return Err(Reject::NotExported(routes.service.clone()));
+            return Err(Reject::NotExported(ServiceName::clone(&routes.service)));
         }
         let port_routes =
             match port {
                 Some(p) => routes.ports.iter().find(|r| r.port == p).ok_or_else(|| {
                     Reject::UnknownPort {
-                        service: routes.service.clone(),
+                        service: ServiceName::clone(&routes.service),
                         port: p,
                     }
                 })?,
                 None => match routes.ports.as_slice() {
                     [only] => only,
-                    _ => return Err(Reject::AmbiguousPort(routes.service.clone())),
+                    _ => return Err(Reject::AmbiguousPort(ServiceName::clone(&routes.service))),
                 },
             };
-        let backends = match subset {
-            None => &port_routes.all,
-            Some(s) => port_routes
-                .subsets
-                .get(s)
-                .ok_or_else(|| Reject::UnknownSubset {
-                    service: routes.service.clone(),
-                    subset: s.to_string(),
-                })?,
+        let (subset, backends) = match subset {
+            None => (None, &port_routes.all),
+            Some(s) => {
+                let (name, backends) =
+                    port_routes
+                        .subsets
+                        .get_key_value(s)
+                        .ok_or_else(|| Reject::UnknownSubset {
+                            service: ServiceName::clone(&routes.service),
+                            subset: s.to_string(),
+                        })?;
+                (Some(name), backends)
+            }
         };
         if backends.is_empty() {
             return Err(Reject::NoReadyEndpoint {
-                service: routes.service.clone(),
+                service: ServiceName::clone(&routes.service),
                 port: port_routes.port,
-                subset: subset.map(str::to_string),
+                subset: subset.map(|s| s.to_string()),
             });
         }
         Ok(Route {
             service: routes.service.clone(),
             port: port_routes.port,
-            subset: subset.map(str::to_string),
+            subset: subset.cloned(),
             backends: backends.clone(),
         })
     }
@@ -343,8 +349,12 @@ fn ser_backends<S: serde::Serializer>(b: &Arc<[Backend]>, s: S) -> Result<S::Ok,
     }))
 }
 
+fn ser_arc<T: Serialize, S: serde::Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    T::serialize(v, s)
+}
+
 fn ser_subsets<S: serde::Serializer>(
-    m: &HashMap<String, Arc<[Backend]>>,
+    m: &HashMap<Arc<str>, Arc<[Backend]>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
@@ -358,7 +368,7 @@ fn ser_subsets<S: serde::Serializer>(
                 ser_backends(self.0, s)
             }
         }
-        map.serialize_entry(k, &B(&m[k]))?;
+        map.serialize_entry(&**k, &B(&m[k]))?;
     }
     map.end()
 }

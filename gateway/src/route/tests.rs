@@ -42,7 +42,7 @@ fn addrs(route: &Route) -> Vec<String> {
 fn outbound_sni_routes_to_ready_endpoints_on_the_target_port() {
     let t = table_with(options());
     let r = decide(&t, "outbound_.8000_._.httpbin.bar.global").unwrap();
-    assert_eq!(r.service, ServiceName::new("bar", "httpbin"));
+    assert_eq!(*r.service, ServiceName::new("bar", "httpbin"));
     assert_eq!(addrs(&r), ["127.0.0.11:80", "127.0.0.12:80"]);
 }
 

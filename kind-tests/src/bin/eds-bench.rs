@@ -1,8 +1,10 @@
 //! EDS scale benchmark: generates N services x 3 file-backed clusters x E endpoints, starts
 //! `remote-secrets serve` on 127.0.0.1, subscribes S Delta xDS streams (wildcard, network1), and
 //! measures start-to-first-full-push, memory, endpoint-change-to-update latency at every stream
-//! and the control plane's CPU per push (utime+stime from /proc/<pid>/stat). Prints one JSON
-//! object. Every wait is bounded; the server is ended by its PID (it is our child).
+//! and the control plane's CPU per push (utime+stime from /proc/<pid>/stat), and from the
+//! server's own histogram the time from a generation's publication to each push (the part of
+//! the latency after file parsing and debounce). Prints one JSON object. Every wait is bounded;
+//! the server is ended by its PID (it is our child).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -116,6 +118,51 @@ fn status_kib(pid: u32, key: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The cumulative buckets of the server's `push_latency_seconds` histogram (from a generation's
+/// publication to the response being queued on a stream), as (upper bound in s, count).
+fn push_buckets(port: u16) -> anyhow::Result<Vec<(f64, u64)>> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    c.read_to_string(&mut text)?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.split("push_latency_seconds_bucket{le=\"").nth(1) else {
+            continue;
+        };
+        let Some((le, count)) = rest.split_once("\"}") else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse()?
+        };
+        out.push((le, count.trim().parse()?));
+    }
+    Ok(out)
+}
+
+/// The bucket bound holding quantile `q` of the pushes between two scrapes.
+fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
+    let d: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|((le, a), (_, b))| (*le, a - b))
+        .collect();
+    let total = d.last().map(|x| x.1).unwrap_or(0);
+    if total == 0 {
+        return f64::NAN;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    d.iter()
+        .find(|(_, c)| *c >= want)
+        .map(|x| x.0)
+        .unwrap_or(f64::NAN)
 }
 
 fn ticks_per_sec() -> f64 {
@@ -272,6 +319,7 @@ async fn main() -> anyhow::Result<()> {
         .sum();
 
     let port = free_port()?;
+    let metrics_port = free_port()?;
     let started = Instant::now();
     let child = Command::new(&a.server)
         .arg("serve")
@@ -289,7 +337,7 @@ async fn main() -> anyhow::Result<()> {
         .args(["--xds-listen", &format!("127.0.0.1:{port}")])
         .args(["--xds-tls-listen", "127.0.0.1:0"])
         .args(["--status-listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .args(["--admin-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -366,6 +414,7 @@ async fn main() -> anyhow::Result<()> {
     let mut push_cpu_ms = Vec::new();
     let mut push_sizes = Vec::new();
     let mut missed = 0usize;
+    let buckets_before = push_buckets(metrics_port)?;
     for k in 0..a.changes {
         let svc = (k * 7919 + 13) % a.services;
         let name = global_name(svc);
@@ -402,6 +451,9 @@ async fn main() -> anyhow::Result<()> {
         // Let the next poll see a distinct mtime and the debounce settle.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    let buckets_after = push_buckets(metrics_port)?;
+    let pushes_in_changes = buckets_after.last().map(|x| x.1).unwrap_or(0)
+        - buckets_before.last().map(|x| x.1).unwrap_or(0);
     lat_ms.sort_by(|a, b| a.total_cmp(b));
     push_cpu_ms.sort_by(|a, b| a.total_cmp(b));
     let mean_size = push_sizes.iter().sum::<usize>() as f64 / push_sizes.len().max(1) as f64;
@@ -427,6 +479,9 @@ async fn main() -> anyhow::Result<()> {
         "update_latency_ms_max": lat_ms.last().copied().unwrap_or(f64::NAN),
         "updates_missed": missed,
         "resources_per_update_mean": mean_size,
+        "server_pushes_in_changes": pushes_in_changes,
+        "server_generation_to_push_ms_p50_bucket": bucket_quantile(&buckets_before, &buckets_after, 0.5) * 1e3,
+        "server_generation_to_push_ms_p99_bucket": bucket_quantile(&buckets_before, &buckets_after, 0.99) * 1e3,
         "cpu_per_change_ms_p50": percentile(&push_cpu_ms, 50.0),
         "cpu_per_change_ms_max": push_cpu_ms.last().copied().unwrap_or(f64::NAN),
     });
