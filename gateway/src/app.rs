@@ -298,12 +298,7 @@ async fn accept_loop(
                 }
             },
         };
-        let proxy = proxy.clone();
-        let conn_stop = conn_stop.clone();
-        tracker.spawn(async move {
-            proxy.serve(stream, peer, conn_stop).await;
-            drop(permit);
-        });
+        tracker.spawn(proxy.clone().serve(stream, peer, conn_stop.clone(), permit));
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use registry::Cidr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
@@ -125,20 +125,31 @@ impl Proxy {
     }
 
     /// Serve one accepted connection to its end. `stop` closes it early (termination deadline).
-    pub async fn serve(
+    /// `permit` (of `--max-connections`) is held until the connection ends. A plain function
+    /// returning the one future, so no wrapper future keeps a second copy of the arguments
+    /// for the connection's whole life.
+    pub fn serve(
         self: Arc<Self>,
         client: TcpStream,
         peer: SocketAddr,
         stop: CancellationToken,
-    ) {
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Debug level: at the default level a span would cost every open connection its
         // formatted fields (a few hundred bytes); the access log line carries them instead.
         let span = debug_span!("conn", id, %peer, sni = field::Empty, service = field::Empty);
-        self.serve_inner(client, peer, stop).instrument(span).await
+        self.serve_inner(client, peer, stop, permit)
+            .instrument(span)
     }
 
-    async fn serve_inner(&self, mut client: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+    async fn serve_inner(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+        _permit: Option<OwnedSemaphorePermit>,
+    ) {
         let start = Instant::now();
         // Boxed: the routing phase's futures (peek and connect, with their timers) are
         // larger than the copy phase's, and an unboxed state would keep that size for the

@@ -127,3 +127,61 @@ impl Feeds {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::xds::snapshot::tests::{base_view, generation, httpbin_changed_view};
+
+    async fn next(rx: &mut Feed) -> Arc<NetworkSnapshot> {
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(Option::is_some))
+            .await
+            .expect("a snapshot within 30 s")
+            .expect("the feed is open")
+            .clone()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_feed_per_network_shared_by_its_streams_and_ended_by_the_last() {
+        let (gen_tx, gen_rx) = watch::channel(generation(1, base_view()));
+        let feeds = Feeds::new(gen_rx, Arc::default(), CancellationToken::new());
+        let mut a = feeds.subscribe("network1");
+        let mut b = feeds.subscribe("network1");
+        let mut other = feeds.subscribe("network2");
+        assert_eq!(feeds.networks(), 2);
+        let (sa, sb) = (next(&mut a).await, next(&mut b).await);
+        assert!(
+            Arc::ptr_eq(&sa, &sb),
+            "one snapshot for the network's streams"
+        );
+        assert!(!sa.resources.is_empty());
+        assert_eq!(next(&mut other).await.network, "network2");
+
+        a.mark_unchanged();
+        gen_tx.send_replace(generation(2, httpbin_changed_view()));
+        tokio::time::timeout(Duration::from_secs(30), a.changed())
+            .await
+            .expect("a snapshot for the new generation")
+            .unwrap();
+        let s2 = a.borrow_and_update().clone().unwrap();
+        assert_eq!((s2.version(), s2.previous), (2, Some(1)));
+        assert!(!s2.changed.is_empty());
+        assert!(s2.recomputed < sa.recomputed);
+
+        drop((a, b));
+        let ended = async {
+            while feeds.networks() != 1 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), ended)
+            .await
+            .expect("network1's feed ends with its last stream");
+        // A new stream starts it again.
+        let mut again = feeds.subscribe("network1");
+        assert_eq!(next(&mut again).await.version(), 2);
+    }
+}
