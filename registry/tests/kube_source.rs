@@ -218,6 +218,29 @@ async fn relists_after_410_gone_and_swaps_the_list_in_whole() {
 }
 
 #[tokio::test]
+async fn large_lists_are_read_in_pages_and_an_expired_page_starts_over() {
+    let fake = FakeApiServer::start().await;
+    let n = 2 * registry::source::kube::LIST_PAGE as usize + 7;
+    for i in 0..n {
+        fake.apply(service(&format!("ns{}", i % 7), &format!("s{i}"), 80));
+    }
+    // The token handed out with the first page has expired by the time it is used.
+    fake.expire_next_continue();
+    let r = start(&fake, config(&[Kind::Service], &[])).await;
+    r.handle().wait_synced().await;
+    let snap = r.handle().current();
+    for i in 0..n {
+        assert!(
+            snap.service(&format!("ns{}", i % 7), &format!("s{i}"))
+                .is_some(),
+            "s{i} missing"
+        );
+    }
+    // One page before the expired token, then three pages from the start.
+    assert!(fake.paged_lists() >= 4, "{} pages", fake.paged_lists());
+}
+
+#[tokio::test]
 async fn api_server_killed_keeps_serving_then_resyncs() {
     let fake = FakeApiServer::start().await;
     fake.apply(service("bar", "a", 80));

@@ -6,6 +6,8 @@
 //!   custom group whose CRD is not installed; install it later with [`FakeApiServer::install`]);
 //! - lists with `resourceVersion` in `metadata` and on every item, `labelSelector`, cluster-wide
 //!   or per namespace, and `PartialObjectMetadata(List)` when the client asks for metadata only;
+//!   `limit` and `continue` page a list from one snapshot (`410 Gone`, reason `Expired`, for a
+//!   token that [`FakeApiServer::compact`] expired);
 //! - `watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=T`: a chunked stream of
 //!   JSON lines replaying the history after N, then live events, with `BOOKMARK`s; a version older
 //!   than the compacted history gets an `ERROR` event with a `410 Gone` Status
@@ -185,6 +187,19 @@ impl FakeApiServer {
     /// affected; kill the server or drop watches first to make a client resume from an old one.)
     pub fn compact(&self) {
         self.shared.store.lock().unwrap().compact();
+    }
+
+    /// List responses served as pages so far (a list with `limit` that had more, or a
+    /// `continue`). [`FakeApiServer::compact`] also expires the continue tokens handed out, so
+    /// the next page is refused with `410 Gone` (reason `Expired`), as after etcd compaction.
+    pub fn paged_lists(&self) -> u64 {
+        self.shared.store.lock().unwrap().pages_served
+    }
+
+    /// Refuse the next list continue token with `410 Gone` (reason `Expired`), as when etcd
+    /// compacts between two pages of a list.
+    pub fn expire_next_continue(&self) {
+        self.shared.store.lock().unwrap().expire_next_continue = true;
     }
 
     /// Cut every open watch stream mid-way (the TCP connection is aborted).
@@ -423,13 +438,50 @@ fn collection(
     if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
         return watch(shared, scope, &q, def);
     }
-    let store = shared.store.lock().unwrap();
-    let items: Vec<Value> = store
-        .objects
-        .iter()
-        .filter(|((p, ns, _), o)| scope.matches(p, ns, o))
-        .map(|(_, o)| present(o, &scope.api_version, metadata_only))
-        .collect();
+    let mut store = shared.store.lock().unwrap();
+    let (rv, mut items) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) if std::mem::take(&mut store.expire_next_continue) => {
+            store.continues.remove(token);
+            return status(
+                410,
+                "Expired",
+                "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+            );
+        }
+        Some(token) => match store.continues.remove(token) {
+            Some(rest) => rest,
+            None => {
+                return status(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                );
+            }
+        },
+        None => (
+            store.rv,
+            store
+                .objects
+                .iter()
+                .filter(|((p, ns, _), o)| scope.matches(p, ns, o))
+                .map(|(_, o)| present(o, &scope.api_version, metadata_only))
+                .collect(),
+        ),
+    };
+    let mut list_meta = json!({"resourceVersion": rv.to_string()});
+    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok());
+    if q.contains_key("continue") {
+        store.pages_served += 1;
+    }
+    if let Some(limit) = limit.filter(|l| *l > 0 && items.len() > *l) {
+        let rest = items.split_off(limit);
+        store.next_continue += 1;
+        let token = format!("page-{}", store.next_continue);
+        list_meta["continue"] = json!(token);
+        list_meta["remainingItemCount"] = json!(rest.len());
+        store.continues.insert(token, (rv, rest));
+        store.pages_served += 1;
+    }
     let (api_version, kind) = if metadata_only {
         (
             "meta.k8s.io/v1".to_string(),
@@ -440,8 +492,7 @@ fn collection(
     };
     json_response(
         StatusCode::OK,
-        &json!({"apiVersion": api_version, "kind": kind,
-                "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
+        &json!({"apiVersion": api_version, "kind": kind, "metadata": list_meta, "items": items}),
     )
 }
 

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use self::metrics::Metrics;
+pub use self::watch::LIST_PAGE;
 use self::watch::{Exit, Full, MetadataOnly, Shared, Timing};
 use super::{SnapshotHandle, SnapshotWriter};
 use crate::objects::Kind;

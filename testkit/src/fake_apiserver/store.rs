@@ -95,6 +95,14 @@ pub struct Store {
     pub oldest: u64,
     /// Installed custom groups -> versions served.
     pub installed: BTreeMap<String, Vec<String>>,
+    /// Paged lists in progress: continue token -> (resourceVersion, the items not yet sent).
+    /// A page is served from the snapshot its list started with, as the real server does.
+    pub continues: BTreeMap<String, (u64, Vec<Value>)>,
+    pub next_continue: u64,
+    /// Responses that carried a continue token or answered one.
+    pub pages_served: u64,
+    /// Refuse the next continue token with `410 Gone`, as if compacted between two pages.
+    pub expire_next_continue: bool,
 }
 
 impl Store {
@@ -192,6 +200,7 @@ impl Store {
     pub fn compact(&mut self) {
         self.history.clear();
         self.oldest = self.rv;
+        self.continues.clear();
     }
 }
 

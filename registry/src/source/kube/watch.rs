@@ -1,7 +1,7 @@
 //! One watch: a kind in a namespace (or all), kept as a store of trimmed objects.
 //!
 //! The loop is the reflector protocol, written out so every state is visible:
-//! list (the store is swapped whole, under a short lock, only once the list is complete and
+//! list in pages of [`LIST_PAGE`] (the store is swapped whole, under a short lock, only once the list is complete and
 //! converted), then watch from the list's `resourceVersion` with bookmarks, apply each event,
 //! resume from the last seen version when the stream ends, re-list on `410 Gone`, and back off
 //! with jitter on errors while the last store keeps serving.
@@ -396,6 +396,9 @@ async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     }
 }
 
+/// Objects per list page.
+pub const LIST_PAGE: u32 = 500;
+
 /// List, then watch, until `stop`. With `not_found_exits`, a 404 on list returns
 /// [`Exit::NotFound`] (a CRD that went away) instead of being retried.
 pub async fn run<L: ListWatch>(
@@ -407,7 +410,8 @@ pub async fn run<L: ListWatch>(
     stop: &CancellationToken,
 ) -> Exit {
     let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
-    let mut lp = ListParams::default();
+    // Pages of 500, as client-go's reflector: the API server never builds one huge response.
+    let mut lp = ListParams::default().limit(LIST_PAGE);
     let mut wp = WatchParams::default().timeout(timing.watch_timeout.as_secs().max(1) as u32);
     if let Some(sel) = &shared.label_selector {
         lp = lp.labels(sel);
@@ -416,19 +420,52 @@ pub async fn run<L: ListWatch>(
     let idle = timing.watch_timeout + Duration::from_secs(30);
     let mut listed_before = false;
     'relist: loop {
-        let list = tokio::select! {
-            _ = stop.cancelled() => return Exit::Stopped,
-            r = lw.list(&lp) => r,
-        };
-        let list = match list {
-            Ok(l) => l,
-            Err(e) if not_found_exits && is_status(&e, 404) => return Exit::NotFound,
-            Err(e) => {
-                shared.error(describe(&e));
-                if !pause(stop, backoff.next_delay()).await {
-                    return Exit::Stopped;
+        // Page through the list (the server serves every page from the snapshot of the
+        // first), converting each page as it arrives so only one page of raw objects is
+        // held. Convert the whole list before touching the store: readers see the old list
+        // or the new one, never a mix.
+        let mut objects = HashMap::new();
+        let mut errors = BTreeMap::new();
+        let mut page = lp.clone();
+        let version = loop {
+            let list = tokio::select! {
+                _ = stop.cancelled() => return Exit::Stopped,
+                r = lw.list(&page) => r,
+            };
+            let list = match list {
+                Ok(l) => l,
+                Err(e) if not_found_exits && is_status(&e, 404) => return Exit::NotFound,
+                Err(e) if page.continue_token.is_some() && is_status(&e, 410) => {
+                    info!(
+                        kind = shared.kind.as_str(),
+                        "list continue token expired (410 Gone); listing again from the start"
+                    );
+                    continue 'relist;
                 }
-                continue 'relist;
+                Err(e) => {
+                    shared.error(describe(&e));
+                    if !pause(stop, backoff.next_delay()).await {
+                        return Exit::Stopped;
+                    }
+                    continue 'relist;
+                }
+            };
+            for item in list.items {
+                let key = key_of(&item);
+                match convert(item) {
+                    Ok(o) => {
+                        objects.insert(key, Arc::new(o));
+                    }
+                    Err(reason) => {
+                        warn!(kind = shared.kind.as_str(), namespace = %key.0, name = %key.1, %reason,
+                              "object rejected; the others are still used");
+                        errors.insert(key, reason);
+                    }
+                }
+            }
+            match list.metadata.continue_.filter(|t| !t.is_empty()) {
+                Some(token) => page = lp.clone().continue_token(&token),
+                None => break list.metadata.resource_version.unwrap_or_default(),
             }
         };
         shared.reached();
@@ -436,24 +473,7 @@ pub async fn run<L: ListWatch>(
             shared.relisted();
         }
         listed_before = true;
-        let mut version = list.metadata.resource_version.clone().unwrap_or_default();
-        // Convert the whole list before touching the store: readers see the old list or the
-        // new one, never a mix.
-        let mut objects = HashMap::with_capacity(list.items.len());
-        let mut errors = BTreeMap::new();
-        for item in list.items {
-            let key = key_of(&item);
-            match convert(item) {
-                Ok(o) => {
-                    objects.insert(key, Arc::new(o));
-                }
-                Err(reason) => {
-                    warn!(kind = shared.kind.as_str(), namespace = %key.0, name = %key.1, %reason,
-                          "object rejected; the others are still used");
-                    errors.insert(key, reason);
-                }
-            }
-        }
+        let mut version = version;
         debug!(kind = shared.kind.as_str(), objects = objects.len(), %version, "listed");
         shared.replace(objects, errors);
         backoff.reset();
