@@ -4,8 +4,10 @@
 use clap::Parser;
 use kind_tests::pki::Identity;
 
+/// A TLS echo "pod" for tests and demos: verifies the client certificate against the shared
+/// root, greets with `pod=<name> cluster=<id>`, then echoes.
 #[derive(Parser, Debug)]
-#[command(about, long_about = None)]
+#[command(long_about = None)]
 struct Args {
     /// Address to listen on.
     #[arg(long)]

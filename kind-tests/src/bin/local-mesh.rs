@@ -17,7 +17,7 @@ use kind_tests::pki;
 
 /// Run two clusters on loopback and show cross-cluster calls through the gateways.
 #[derive(Parser, Debug)]
-#[command(about, long_about = None)]
+#[command(long_about = None)]
 struct Args {
     /// Make the calls, print the summary and exit (non-zero if a call failed).
     #[arg(long)]

@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use kind_tests::client::{CallOptions, run};
 use kind_tests::pki::{Identity, client_config};
 
+/// The sidecar stand-in: `call` resolves a .global name, asks xDS for its endpoints, opens
+/// mutual TLS with Istio's SNI and prints the path as JSON; `get` and `connect` are probes.
 #[derive(Parser, Debug)]
-#[command(about, long_about = None)]
+#[command(long_about = None)]
 struct Args {
     #[command(subcommand)]
     command: Cmd,
