@@ -132,7 +132,10 @@ impl SotwStream {
             return (Event::OtherType(req.type_url.clone()), None);
         }
         if !req.response_nonce.is_empty() && req.response_nonce != self.last_nonce {
-            return (Event::Stale, None);
+            // Ignored as a request, but the stream's loop may have marked a newer snapshot
+            // seen while fetching the one for this request: answer it now, or the client
+            // would wait for the next generation.
+            return (Event::Stale, self.on_generation(snap, opts));
         }
         let event = match &req.error_detail {
             Some(status) => Event::Nack(status.message.clone()),

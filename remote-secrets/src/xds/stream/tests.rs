@@ -198,6 +198,30 @@ fn sotw_pushes_the_whole_set_only_when_it_changed() {
     assert!(r4.resources.len() < r3.resources.len());
 }
 
+/// The stream's loop fetches the current snapshot for each request, which marks a newer one
+/// seen; a stale ACK read at that moment must still push it.
+#[test]
+fn sotw_a_stale_ack_still_delivers_a_newer_snapshot() {
+    let a = base_view();
+    let s1 = snap(None, 1, a.clone());
+    let mut s = SotwStream::default();
+    let r1 = s
+        .on_request(&sotw_req(&[], "", ""), &s1, &opts())
+        .1
+        .unwrap();
+    let s2 = snap(Some(&s1), 2, share_unchanged(&a, httpbin_changed_view()));
+    let r2 = s.on_generation(&s2, &opts()).unwrap();
+    let s3 = snap(Some(&s2), 3, share_unchanged(&a, base_view()));
+    // The client ACKs the first response after the second was sent: stale.
+    let (event, r3) = s.on_request(&sotw_req(&[], &r1.nonce, &r1.version_info), &s3, &opts());
+    assert_eq!(event, Event::Stale);
+    let r3 = r3.expect("the newer snapshot, not silence");
+    assert_ne!(r3.version_info, r2.version_info);
+    // Nothing more once it has been sent.
+    let (event, again) = s.on_request(&sotw_req(&[], &r2.nonce, ""), &s3, &opts());
+    assert_eq!((event, again), (Event::Stale, None));
+}
+
 #[test]
 fn sotw_named_subscription_ignores_other_services() {
     let a = base_view();
