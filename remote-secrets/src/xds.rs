@@ -363,11 +363,23 @@ impl EndpointDiscoveryService for XdsService {
                 req.type_url
             )));
         }
-        let (mut feed, mut network) = (None, None);
-        let Some(snap) =
-            snapshot_for(&self.inner, &mut feed, &mut network, req.node.as_ref()).await
-        else {
-            return Err(Status::unavailable("the server is stopping"));
+        // A one-off fetch of named resources computes just those, unless streams of its
+        // network already keep a snapshot; a wildcard fetch needs the whole network's.
+        let named = !req.resource_names.is_empty() && !req.resource_names.iter().any(|n| n == "*");
+        let net = stream::node_network(req.node.as_ref())
+            .unwrap_or_else(|| self.inner.default_network.clone());
+        let snap = match self.inner.feeds.current(&net) {
+            Some(snap) => snap,
+            None if named => Arc::new(self.inner.feeds.on_demand(&net)),
+            None => {
+                let (mut feed, mut network) = (None, None);
+                let Some(snap) =
+                    snapshot_for(&self.inner, &mut feed, &mut network, req.node.as_ref()).await
+                else {
+                    return Err(Status::unavailable("the server is stopping"));
+                };
+                snap
+            }
         };
         let mut state = SotwStream::default();
         match state.on_request(&req, &snap, self.inner.feeds.options()) {

@@ -59,6 +59,26 @@ impl Feeds {
         rx
     }
 
+    /// The latest snapshot of `network`, if streams keep its feed running.
+    pub fn current(&self, network: &str) -> Option<Arc<NetworkSnapshot>> {
+        let feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        feeds.get(network).and_then(|tx| tx.borrow().clone())
+    }
+
+    /// The current generation for `network` with nothing computed yet: `get` computes each
+    /// asked name on demand. For one-off requests naming their resources, which should not
+    /// pay for (or start) a whole network's feed.
+    pub fn on_demand(&self, network: &str) -> NetworkSnapshot {
+        NetworkSnapshot {
+            generation: self.generations.borrow().clone(),
+            network: network.to_string(),
+            resources: Default::default(),
+            previous: None,
+            changed: Vec::new(),
+            recomputed: 0,
+        }
+    }
+
     /// How many networks have a feed.
     pub fn networks(&self) -> usize {
         self.feeds.lock().unwrap_or_else(|e| e.into_inner()).len()
