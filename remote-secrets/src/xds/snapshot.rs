@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use registry::ServiceName;
-use registry::snapshot::ServiceInfo;
+use registry::snapshot::{EndpointSet, ServiceInfo};
 
 use super::Generation;
 use crate::clusters::MeshView;
@@ -136,19 +136,29 @@ pub fn dirty(old: &MeshView, new: &MeshView) -> Dirty {
     Dirty::Services(out)
 }
 
-/// Equal as far as EDS can tell (`ServiceInfo` has no `PartialEq`).
+/// Equal as far as EDS can tell (`ServiceInfo` has no `PartialEq`). Destructured without `..`,
+/// so a field added to either struct fails to compile here until it is compared.
 fn same_service(a: &ServiceInfo, b: &ServiceInfo) -> bool {
-    a.name == b.name
-        && a.labels == b.labels
-        && a.ports == b.ports
-        && a.exported == b.exported
-        && a.load_balancer == b.load_balancer
-        && a.subsets == b.subsets
-        && a.endpoint_sets.len() == b.endpoint_sets.len()
-        && a.endpoint_sets
-            .iter()
-            .zip(&b.endpoint_sets)
-            .all(|(x, y)| x.ports == y.ports && x.endpoints == y.endpoints)
+    let ServiceInfo {
+        name,
+        labels,
+        ports,
+        exported,
+        load_balancer,
+        endpoint_sets,
+        subsets,
+    } = a;
+    *name == b.name
+        && *labels == b.labels
+        && *ports == b.ports
+        && *exported == b.exported
+        && *load_balancer == b.load_balancer
+        && *subsets == b.subsets
+        && endpoint_sets.len() == b.endpoint_sets.len()
+        && endpoint_sets.iter().zip(&b.endpoint_sets).all(|(x, y)| {
+            let EndpointSet { ports, endpoints } = x;
+            *ports == y.ports && *endpoints == y.endpoints
+        })
 }
 
 /// The snapshot of `generation` for clients in `network`, recomputing only what changed since
