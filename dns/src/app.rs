@@ -201,7 +201,18 @@ impl Dns {
             warn!(error = %e, "TCP accept loop ended abnormally");
         }
         self.tcp_connections.close();
-        self.tcp_connections.wait().await;
+        // A slow client could hold a connection for two idle timeouts (body, then reply);
+        // never let that outlast the pod's termination grace period.
+        if tokio::time::timeout(TCP_SHUTDOWN_GRACE, self.tcp_connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = self.tcp_connections.len(),
+                grace = ?TCP_SHUTDOWN_GRACE,
+                "TCP connections still mid-query at shutdown: closed"
+            );
+        }
         for task in self.udp {
             let _ = task.await;
         }
@@ -211,6 +222,9 @@ impl Dns {
         }
     }
 }
+
+/// How long shutdown waits for TCP queries in flight.
+const TCP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The directory source with --config-dir, else the Kubernetes API (ServiceEntries only).
 async fn start_source(
@@ -310,7 +324,14 @@ fn spawn_table_writer(
                 changed = changes.changed() => if changed.is_err() { return },
             }
             let current = changes.borrow_and_update().clone();
-            let table = Table::build(&current, &options);
+            // Off the runtime: with the prebuilt wire answers a large table takes a while,
+            // and the UDP workers share these threads.
+            let opts = options.clone();
+            let Ok(table) =
+                tokio::task::spawn_blocking(move || Table::build(&current, &opts)).await
+            else {
+                return;
+            };
             report(&table, &metrics, &mut reported);
             info!(
                 version = table.version,
