@@ -102,7 +102,9 @@ pub struct Config {
     #[serde(serialize_with = "display_seq")]
     pub allow_source: Vec<Cidr>,
 
-    /// How long to wait for a complete ClientHello.
+    /// How long to wait for a complete ClientHello. Connections are accepted only once their
+    /// first bytes arrive (TCP_DEFER_ACCEPT); one that sends nothing is handed over by the
+    /// kernel after about this long, then the same deadline applies.
     #[arg(long, env = "GATEWAY_PEEK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     #[serde(with = "registry::cli::duration_ms")]
     pub peek_timeout: Duration,
