@@ -95,6 +95,7 @@ impl Dns {
             stop.clone(),
         );
         let handler = Handler::new(table.clone(), metrics, config.max_udp_payload);
+        let table_for_readiness = table.clone();
 
         let readiness = Readiness::default();
         admin::spawn_http(
@@ -137,12 +138,19 @@ impl Dns {
         let ready_when_synced = {
             let (snapshot, readiness, draining) =
                 (snapshot.clone(), readiness.clone(), draining.clone());
+            let mut tables = table_for_readiness;
             let (status, metrics, admin) = (status_addr, metrics_addr, admin_addr);
             let zones = config.zones.clone();
             async move {
                 tokio::select! {
                     _ = draining.cancelled() => {}
-                    _ = snapshot.wait_synced() => {
+                    _ = async {
+                        snapshot.wait_synced().await;
+                        // Ready means answering from the synced objects: wait for the table
+                        // built from them (it is built off the runtime, a little later).
+                        let synced = snapshot.current().status.version;
+                        let _ = tables.wait_for(|t| t.version >= synced).await;
+                    } => {
                         readiness.set(true);
                         if draining.is_cancelled() {
                             readiness.set(false);
