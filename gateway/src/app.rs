@@ -53,6 +53,7 @@ impl Gateway {
 
         let metrics = Arc::new(Metrics::new(&mut registry));
         let routes = spawn_route_writer(snapshot.clone(), config.route_options(), metrics.clone());
+        let routes_for_readiness = routes.clone();
 
         let listener =
             admin::bind(config.listen, "the TLS passthrough listener (--listen)").await?;
@@ -111,12 +112,18 @@ impl Gateway {
         let ready_when_synced = {
             let (snapshot, readiness, terminate) =
                 (snapshot.clone(), readiness.clone(), terminate.clone());
+            let mut tables = routes_for_readiness;
             let listen = gateway_addrs.0;
             let cluster = config.cluster_id.clone();
             async move {
                 tokio::select! {
                     _ = terminate.cancelled() => {}
-                    _ = snapshot.wait_synced() => {
+                    _ = async {
+                        snapshot.wait_synced().await;
+                        // Ready means routing by the synced objects: wait for their table.
+                        let synced = snapshot.current().status.version;
+                        let _ = tables.wait_for(|t| t.version() >= synced).await;
+                    } => {
                         readiness.set(true);
                         info!(%listen, %cluster, "gateway ready");
                     }

@@ -132,6 +132,8 @@ impl Reject {
 /// Everything routable, by accepted host name.
 #[derive(Debug, Default)]
 pub struct RouteTable {
+    /// The snapshot version it was built from.
+    version: u64,
     hosts: HashMap<String, Arc<HostRoutes>>,
     options: Option<RouteOptions>,
     /// Endpoint state by address, reused by the next table.
@@ -159,9 +161,15 @@ pub struct PortRoutes {
 }
 
 impl RouteTable {
+    /// The version of the snapshot this table was built from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Build from a snapshot, keeping endpoint state from `previous` for addresses it keeps.
     pub fn build(snapshot: &Snapshot, options: &RouteOptions, previous: &RouteTable) -> RouteTable {
         let mut table = RouteTable {
+            version: snapshot.status.version,
             options: Some(options.clone()),
             ..Default::default()
         };
