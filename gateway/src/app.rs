@@ -55,14 +55,15 @@ impl Gateway {
         let routes = spawn_route_writer(snapshot.clone(), config.route_options(), metrics.clone());
         let routes_for_readiness = routes.clone();
 
-        let listener =
-            admin::bind(config.listen, "the TLS passthrough listener (--listen)").await?;
-        defer_accept(&listener, config.peek_timeout);
+        let workers = config.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let listeners = bind_listeners(config.listen, workers, config.peek_timeout)?;
         let status = admin::bind(config.status_listen, "readiness (--status-listen)").await?;
         let metrics_l = admin::bind(config.metrics_listen, "metrics (--metrics-listen)").await?;
         let admin_l = admin::bind(config.admin_listen, "admin (--admin-listen)").await?;
         let gateway_addrs = (
-            listener.local_addr()?,
+            listeners[0].local_addr()?,
             status.local_addr()?,
             metrics_l.local_addr()?,
             admin_l.local_addr()?,
@@ -96,15 +97,39 @@ impl Gateway {
         let conn_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
-        tokio::spawn(accept_loop(
-            listener,
-            proxy,
-            limit,
-            tracker.clone(),
-            accept_stop.clone(),
-            conn_stop.clone(),
-            metrics,
-        ));
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (proxy, limit, tracker) = (proxy.clone(), limit.clone(), tracker.clone());
+            let (accept_stop, conn_stop) = (accept_stop.clone(), conn_stop.clone());
+            let metrics = metrics.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("gateway-worker-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                warn!(error = %e, "worker could not register its listener");
+                                return;
+                            }
+                        };
+                        accept_loop(
+                            listener,
+                            proxy,
+                            limit,
+                            tracker.clone(),
+                            accept_stop,
+                            conn_stop,
+                            metrics,
+                        )
+                        .await;
+                        // This thread's connections run here: keep it until every one ended.
+                        tracker.wait().await;
+                    })
+                })?;
+        }
 
         // Ready once the source's first full sync is done (at once for a directory; for the
         // API, after every watched kind has been listed). Start does not wait for it.
@@ -243,12 +268,51 @@ fn spawn_route_writer(
     rx
 }
 
+/// `workers` listeners on one address with SO_REUSEPORT, so each worker thread accepts on its
+/// own and the kernel spreads connections over them (nginx's `reuseport`). The first bind says
+/// which flag to change when the address is taken; the others take the port it got.
+fn bind_listeners(
+    addr: SocketAddr,
+    workers: usize,
+    peek_timeout: Duration,
+) -> Result<Vec<std::net::TcpListener>, std::io::Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    for _ in 0..workers.max(1) {
+        let at = match out.first() {
+            Some(first) => first.local_addr()?,
+            None => addr,
+        };
+        let bind = || -> std::io::Result<std::net::TcpListener> {
+            let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            #[cfg(unix)]
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&at.into())?;
+            socket.listen(1024)?;
+            let listener: std::net::TcpListener = socket.into();
+            defer_accept(&listener, peek_timeout);
+            Ok(listener)
+        };
+        out.push(bind().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen on {at} for the TLS passthrough listener (--listen): {e}; is another process using it?"
+                ),
+            )
+        })?);
+    }
+    Ok(out)
+}
+
 /// Hand us a connection only once its first bytes (the ClientHello) have arrived, as nginx's
 /// `deferred` does: TLS clients speak first, so this saves a read that would find nothing and
 /// a wake-up per connection, and a client that never speaks costs the gateway nothing. The
 /// kernel still passes on a silent connection after about `peek_timeout` (then the peek
 /// deadline applies as usual).
-fn defer_accept(listener: &TcpListener, peek_timeout: Duration) {
+fn defer_accept(listener: &std::net::TcpListener, peek_timeout: Duration) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;

@@ -141,6 +141,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// Proxy threads, each with its own event loop and its own listener on --listen
+    /// (SO_REUSEPORT: the kernel spreads connections over them), so a connection never wakes
+    /// another thread. Default: one per CPU.
+    #[arg(long, env = "GATEWAY_WORKERS")]
+    pub workers: Option<usize>,
+
     /// On SIGTERM, keep accepting this long with readiness 503 so load balancers move away.
     #[arg(long, env = "GATEWAY_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
     #[serde(with = "registry::cli::duration_ms")]
@@ -218,6 +224,9 @@ impl Config {
         }
         if self.eject_base > self.eject_max {
             errors.push("--eject-base must not exceed --eject-max".into());
+        }
+        if self.workers == Some(0) {
+            errors.push("--workers must be at least 1".into());
         }
         if self.max_connections == Some(0) {
             errors.push("--max-connections must be at least 1 (omit it for no limit)".into());
