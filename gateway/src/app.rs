@@ -101,6 +101,7 @@ impl Gateway {
             let (proxy, limit, tracker) = (proxy.clone(), limit.clone(), tracker.clone());
             let (accept_stop, conn_stop) = (accept_stop.clone(), conn_stop.clone());
             let metrics = metrics.clone();
+            let heartbeat = heartbeat_period(&config);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -108,6 +109,7 @@ impl Gateway {
                 .name(format!("gateway-worker-{i}"))
                 .spawn(move || {
                     runtime.block_on(async move {
+                        tokio::spawn(heartbeat_loop(heartbeat));
                         let listener = match TcpListener::from_std(listener) {
                             Ok(l) => l,
                             Err(e) => {
@@ -221,6 +223,25 @@ async fn start_source(
     );
     let source = KubeSource::start(client, source_config, metrics);
     Ok((source.handle.clone(), Some(source)))
+}
+
+/// A timer that always fires within this period keeps the worker's timer wheel from ever
+/// sleeping past a connection's connect (or peek) deadline. Without it, tokio wakes its own
+/// event loop (an eventfd write and an extra epoll_wait) each time a connection arms a timer
+/// earlier than the loop's planned wake-up: once per new connection, for its connect timeout.
+fn heartbeat_period(config: &Config) -> Duration {
+    config
+        .connect_timeout
+        .min(config.peek_timeout)
+        .clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+async fn heartbeat_loop(period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 fn settings(config: &Config) -> Settings {
