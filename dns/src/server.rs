@@ -19,7 +19,7 @@ pub use tcp::serve_tcp;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,10 +28,10 @@ use hickory_proto::rr::RecordType;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
 use crate::respond::{
@@ -198,26 +198,56 @@ fn encode_servfail(request: &Request) -> (ResponseCode, Option<Vec<u8>>) {
 }
 
 /// Serve queries on a UDP socket until `stop`. Run one per socket (SO_REUSEPORT) to use more
-/// cores.
+/// cores. `socket` must be nonblocking; it is registered with the calling event loop.
 ///
 /// Each wake-up reads a batch of datagrams in one system call, answers them from one look at
 /// the table, and sends the replies in one system call ([`mmsg`]). A batch in hand is finished
 /// before `stop` is looked at again.
-pub async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, stop: CancellationToken) {
+///
+/// The socket is registered for reading only. With edge-triggered epoll, interest in writing
+/// would wake the loop once more per reply: a UDP socket signals "writable" each time the
+/// kernel frees a sent datagram (perf stat: two epoll_waits per query at 5k QPS, knot one).
+/// A full send buffer, the only time writing has to wait, is handled by [`wait_writable`].
+pub async fn serve_udp(socket: std::net::UdpSocket, handler: Handler, stop: CancellationToken) {
+    // SAFETY: the socket owns its descriptor, and the AsyncFd owns the socket until dropped.
+    let socket = match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) } {
+        Ok(s) => s,
+        Err(e) => {
+            let (_, e) = e.into_parts();
+            warn!(error = %e, "UDP worker could not register its socket");
+            return;
+        }
+    };
+    let fd = socket.as_raw_fd();
     let mut batch = Batch::default();
     loop {
-        tokio::select! {
+        let mut ready = tokio::select! {
             _ = stop.cancelled() => return,
-            ready = socket.readable() => if let Err(e) = ready {
-                debug!(error = %e, "UDP socket no longer pollable");
-                return;
+            ready = socket.readable() => match ready {
+                Ok(ready) => ready,
+                Err(e) => {
+                    debug!(error = %e, "UDP socket no longer pollable");
+                    return;
+                }
             },
-        }
-        let fd = socket.as_raw_fd();
-        match socket.try_io(Interest::READABLE, || batch.receive(fd)) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
+        };
+        let mut got = 0;
+        let received = ready.try_io(|_| {
+            got = batch.receive(fd)?;
+            // A batch that is not full emptied the queue: tell tokio so (by the WouldBlock it
+            // understands) and wait for the next datagram's edge rather than paying for a
+            // recvmmsg that returns EAGAIN. Tokio clears readiness only if no new event
+            // arrived meanwhile, so a datagram that came after this call still wakes us.
+            if got < mmsg::BATCH {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match received {
+            Ok(Ok(())) => {}
+            Err(_would_block) if got > 0 => {}
+            Err(_would_block) => continue,
+            Ok(Err(e)) => {
                 // ICMP errors from earlier sends can surface here; the socket is still good.
                 debug!(error = %e, "UDP receive error");
                 continue;
@@ -234,20 +264,19 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, stop: Cancellat
             }
         });
         drop(table);
-        send_replies(&socket, &mut batch).await;
+        send_replies(fd, &mut batch).await;
     }
 }
 
 /// Send a batch's replies, waiting while the socket buffer is full. A reply the kernel refuses
 /// is logged and skipped, so every round sends or skips at least one.
-async fn send_replies(socket: &UdpSocket, batch: &mut Batch) {
-    let fd = socket.as_raw_fd();
+async fn send_replies(fd: RawFd, batch: &mut Batch) {
     let mut sent = 0;
     while sent < batch.pending() {
-        match socket.try_io(Interest::WRITABLE, || batch.send(fd, sent)) {
+        match batch.send(fd, sent) {
             Ok(n) => sent += n.max(1).min(batch.pending() - sent),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Err(e) = socket.writable().await {
+                if let Err(e) = wait_writable(fd).await {
                     debug!(error = %e, "UDP socket no longer pollable");
                     return;
                 }
@@ -259,6 +288,20 @@ async fn send_replies(socket: &UdpSocket, batch: &mut Batch) {
             }
         }
     }
+}
+
+/// Wait until the socket behind `fd` can take a datagram again. Its own registration is for
+/// reading only, so this registers a duplicate descriptor (same socket, another epoll entry)
+/// for writing, just for this wait. Only a full send buffer gets here.
+async fn wait_writable(fd: RawFd) -> io::Result<()> {
+    // SAFETY: `fd` is the caller's open socket for the whole call; the duplicate is ours.
+    let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    // SAFETY: the OwnedFd owns the duplicate, and the AsyncFd owns the OwnedFd until dropped.
+    let writable = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let mut ready = writable.writable().await?;
+    ready.clear_ready();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -337,5 +380,32 @@ mod tests {
                 u16::from_be_bytes([packet[0], packet[1]])
             );
         }
+    }
+
+    /// The send path's wait for room registers a duplicate of the socket for writing beside
+    /// the socket's own read-only registration; the two must not collide (EEXIST).
+    #[tokio::test]
+    async fn waiting_for_room_to_send_works_beside_the_read_registration() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let fd = socket.as_raw_fd();
+        // SAFETY: the socket owns its descriptor and the AsyncFd owns the socket.
+        let reader = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), wait_writable(fd))
+            .await
+            .expect("an empty send buffer is writable at once")
+            .unwrap();
+        // And the read registration still works afterwards.
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender
+            .send_to(b"x", reader.get_ref().local_addr().unwrap())
+            .unwrap();
+        let mut ready = tokio::time::timeout(std::time::Duration::from_secs(5), reader.readable())
+            .await
+            .expect("the datagram wakes the reader")
+            .unwrap();
+        ready.clear_ready();
     }
 }
