@@ -243,6 +243,7 @@ pub async fn serve_udp(socket: std::net::UdpSocket, handler: Handler, stop: Canc
             }
             Ok(())
         });
+        drop(ready);
         match received {
             Ok(Ok(())) => {}
             Err(_would_block) if got > 0 => {}
