@@ -300,9 +300,9 @@ async fn bind_dns(
     Err(last.unwrap_or_else(|| std::io::Error::other("no port free for UDP and TCP")))
 }
 
-/// One thread per UDP socket, each with its own single-threaded event loop: a datagram wakes
-/// only the thread whose socket it reached, and no work moves between threads (on tokio's
-/// shared pool a query cost about two epoll_waits at low rates, one here, as in knot).
+/// One thread per UDP socket, each with its own single-threaded event loop, as knot's UDP
+/// workers: a datagram wakes only the thread whose socket it reached, and no work moves
+/// between threads (tokio's shared pool could hand a woken socket's task to another worker).
 fn spawn_udp_worker(
     i: usize,
     socket: std::net::UdpSocket,
