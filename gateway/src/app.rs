@@ -1,34 +1,33 @@
-//! Wiring: the config source (a directory, or the Kubernetes API), the route-table writer, the listeners, and graceful termination.
+//! Wiring: the gateway's listeners and worker threads, the route-table writer, and the process
+//! shell's parts (source, admin servers, readiness, SIGTERM lifecycle) around them.
 //! Tests start a whole [`Gateway`] in-process on 127.0.0.1 port 0.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use process_shell::admin::Servers;
+use process_shell::readiness::synced_and_built;
+use process_shell::source::{SourceError, SourceSpec};
+use process_shell::{ConfigError, Lifecycle, Readiness, Source, Work};
 use prometheus_client::registry::Registry;
-use registry::SnapshotHandle;
-use registry::admin::{self, Readiness};
-use registry::source::dir::{DirError, watch_dir};
-use registry::source::kube::{self as kube_source, KubeError, KubeSource, KubeSourceConfig};
+use registry::source::kube::{self as kube_source, KubeSourceConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Settings};
-use crate::route::RouteTable;
+use crate::route::{RouteOptions, RouteTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Source(#[from] DirError),
-    #[error(transparent)]
-    Kube(#[from] KubeError),
+    Source(#[from] SourceError),
     #[error(transparent)]
     Bind(#[from] std::io::Error),
 }
@@ -40,66 +39,59 @@ pub struct Gateway {
     pub metrics_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub readiness: Readiness,
-    terminate: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
+    lifecycle: Lifecycle,
 }
 
 impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         config.validate()?;
         let config = Arc::new(config);
-        let mut registry = Registry::default();
-        let (snapshot, kube) = start_source(&config, &mut registry).await?;
-
-        let metrics = Arc::new(Metrics::new(&mut registry));
-        let routes = spawn_route_writer(snapshot.clone(), config.route_options(), metrics.clone());
-        let routes_for_readiness = routes.clone();
-
+        // Listeners first: nothing is started (no API watches) when one cannot be bound.
         let workers = config.workers.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         });
         let listeners = bind_listeners(config.listen, workers, config.peek_timeout)?;
-        let status = admin::bind(config.status_listen, "readiness (--status-listen)").await?;
-        let metrics_l = admin::bind(config.metrics_listen, "metrics (--metrics-listen)").await?;
-        let admin_l = admin::bind(config.admin_listen, "admin (--admin-listen)").await?;
-        let gateway_addrs = (
-            listeners[0].local_addr()?,
-            status.local_addr()?,
-            metrics_l.local_addr()?,
-            admin_l.local_addr()?,
-        );
+        let proxy_addr = listeners[0].local_addr()?;
+        let servers = Servers::bind(&config.listeners).await?;
+        let addresses = servers.addresses()?;
+
+        let mut registry = Registry::default();
+        let spec = SourceSpec {
+            cluster_id: &config.cluster_id,
+            kinds: KubeSourceConfig::GATEWAY_KINDS,
+            secrets: None,
+        };
+        let source = Source::start(&config.source, spec, || {
+            Arc::new(kube_source::Metrics::new(&mut registry))
+        })
+        .await?;
+        let snapshot = source.handle.clone();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let routes = spawn_route_writer(snapshot.clone(), config.route_options(), metrics.clone());
 
         let readiness = Readiness::default();
         let admin_stop = CancellationToken::new();
-        admin::spawn_http(
-            status,
-            admin::status_router(readiness.clone()),
-            admin_stop.clone(),
-        );
-        admin::spawn_http(
-            metrics_l,
-            admin::metrics_router(Arc::new(registry)),
-            admin_stop.clone(),
-        );
         let admin_state = crate::admin::AdminState {
             config: config.clone(),
             snapshot: snapshot.clone(),
             routes: routes.clone(),
         };
-        admin::spawn_http(
-            admin_l,
+        servers.serve(
+            readiness.clone(),
+            registry,
             crate::admin::router(admin_state),
-            admin_stop.clone(),
+            &admin_stop,
         );
 
-        let proxy = Arc::new(Proxy::new(routes, metrics.clone(), settings(&config)));
-        let accept_stop = CancellationToken::new();
-        let conn_stop = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let proxy = Arc::new(Proxy::new(
+            routes.clone(),
+            metrics.clone(),
+            settings(&config),
+        ));
+        let work = Work::default();
         let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         for (i, listener) in listeners.into_iter().enumerate() {
-            let (proxy, limit, tracker) = (proxy.clone(), limit.clone(), tracker.clone());
-            let (accept_stop, conn_stop) = (accept_stop.clone(), conn_stop.clone());
+            let (proxy, limit, work) = (proxy.clone(), limit.clone(), work.clone());
             let metrics = metrics.clone();
             let heartbeat = heartbeat_period(&config);
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -117,112 +109,57 @@ impl Gateway {
                                 return;
                             }
                         };
-                        accept_loop(
-                            listener,
-                            proxy,
-                            limit,
-                            tracker.clone(),
-                            accept_stop,
-                            conn_stop,
-                            metrics,
-                        )
-                        .await;
+                        accept_loop(listener, proxy, limit, &work, metrics).await;
                         // This thread's connections run here: keep it until every one ended.
-                        tracker.wait().await;
+                        work.in_flight.wait().await;
                     })
                 })?;
         }
 
         // Ready once the source's first full sync is done (at once for a directory; for the
-        // API, after every watched kind has been listed). Start does not wait for it.
-        let terminate = CancellationToken::new();
-        let ready_when_synced = {
-            let (snapshot, readiness, terminate) =
-                (snapshot.clone(), readiness.clone(), terminate.clone());
-            let mut tables = routes_for_readiness;
-            let listen = gateway_addrs.0;
-            let cluster = config.cluster_id.clone();
-            async move {
-                tokio::select! {
-                    _ = terminate.cancelled() => {}
-                    _ = async {
-                        snapshot.wait_synced().await;
-                        // Ready means routing by the synced objects: wait for their table.
-                        let synced = snapshot.current().status.version;
-                        let _ = tables.wait_for(|t| t.version() >= synced).await;
-                    } => {
-                        readiness.set(true);
-                        info!(%listen, %cluster, "gateway ready");
-                    }
-                }
-            }
-        };
-        if snapshot.is_synced() {
-            ready_when_synced.await;
-        } else {
+        // API, after every watched kind has been listed) and the route table is built from it.
+        if !snapshot.is_synced() {
             info!("waiting for the first full sync of the Kubernetes API before reporting ready");
-            tokio::spawn(ready_when_synced);
         }
+        let cluster = config.cluster_id.clone();
+        readiness
+            .become_ready_when(
+                &snapshot,
+                synced_and_built(snapshot.clone(), routes, |t| t.version()),
+                move || info!(listen = %proxy_addr, %cluster, "gateway ready"),
+            )
+            .await;
 
-        let done = tokio::spawn(lifecycle(
-            terminate.clone(),
+        let lifecycle = Lifecycle::spawn(
+            "gateway",
             readiness.clone(),
-            config.clone(),
-            accept_stop,
-            tracker,
-            conn_stop,
-            admin_stop,
-        ));
-        let done = tokio::spawn(async move {
-            let _ = done.await;
-            if let Some(source) = kube {
+            &config.lifecycle,
+            work,
+            async move {
+                admin_stop.cancel();
                 source.shutdown().await;
-            }
-        });
+            },
+        );
         Ok(Gateway {
-            proxy_addr: gateway_addrs.0,
-            status_addr: gateway_addrs.1,
-            metrics_addr: gateway_addrs.2,
-            admin_addr: gateway_addrs.3,
+            proxy_addr,
+            status_addr: addresses.status,
+            metrics_addr: addresses.metrics,
+            admin_addr: addresses.admin,
             readiness,
-            terminate,
-            done,
+            lifecycle,
         })
     }
 
     /// Start graceful termination, as SIGTERM does: readiness 503, keep accepting for the drain
     /// duration, stop the listener, give in-flight connections until the deadline.
     pub fn begin_termination(&self) {
-        self.terminate.cancel();
+        self.lifecycle.begin();
     }
 
     /// Wait until termination has finished.
     pub async fn wait(self) {
-        let _ = self.done.await;
+        self.lifecycle.wait().await;
     }
-}
-
-/// The directory source with --config-dir, else the Kubernetes API.
-async fn start_source(
-    config: &Config,
-    registry: &mut Registry,
-) -> Result<(SnapshotHandle, Option<KubeSource>), StartError> {
-    if let Some(dir) = &config.config_dir {
-        let (handle, _task) = watch_dir(dir.clone(), config.config_poll).await?;
-        return Ok((handle, None));
-    }
-    let client = match &config.kubeconfig {
-        Some(path) => kube_source::client_from_kubeconfig_file(path).await?,
-        None => kube_source::client_infer().await?,
-    };
-    let metrics = Arc::new(kube_source::Metrics::new(registry));
-    let source_config = KubeSourceConfig::new(
-        &config.cluster_id,
-        KubeSourceConfig::GATEWAY_KINDS,
-        config.watch_namespaces.clone(),
-    );
-    let source = KubeSource::start(client, source_config, metrics);
-    Ok((source.handle.clone(), Some(source)))
 }
 
 /// A timer that always fires within this period keeps the worker's timer wheel from ever
@@ -251,7 +188,6 @@ fn settings(config: &Config) -> Settings {
         connect_attempts: config.connect_attempts,
         idle_timeout: config.idle_timeout,
         ejection: config.ejection(),
-        allow_source: config.allow_source.clone(),
     }
 }
 
@@ -259,22 +195,18 @@ fn settings(config: &Config) -> Settings {
 /// path. New connections see the new table at once; established ones keep their endpoint.
 fn spawn_route_writer(
     snapshot: registry::SnapshotHandle,
-    options: crate::route::RouteOptions,
+    options: Arc<RouteOptions>,
     metrics: Arc<Metrics>,
 ) -> watch::Receiver<Arc<RouteTable>> {
     let mut changes = snapshot.subscribe();
-    let first = RouteTable::build(
-        &changes.borrow_and_update(),
-        &options,
-        &RouteTable::default(),
-    );
+    let first = RouteTable::build(&changes.borrow_and_update(), &options, None);
     metrics.route_tables.inc();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
             let current = changes.borrow_and_update().clone();
             let previous = tx.borrow().clone();
-            let table = RouteTable::build(&current, &options, &previous);
+            let table = RouteTable::build(&current, &options, Some(&previous));
             metrics.route_tables.inc();
             info!(
                 version = current.status.version,
@@ -360,14 +292,12 @@ async fn accept_loop(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     limit: Option<Arc<Semaphore>>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    conn_stop: CancellationToken,
+    work: &Work,
     metrics: Arc<Metrics>,
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = work.stop_accepting.cancelled() => return,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -390,37 +320,10 @@ async fn accept_loop(
                 }
             },
         };
-        tracker.spawn(proxy.clone().serve(stream, peer, conn_stop.clone(), permit));
-    }
-}
-
-async fn lifecycle(
-    terminate: CancellationToken,
-    readiness: Readiness,
-    config: Arc<Config>,
-    accept_stop: CancellationToken,
-    tracker: TaskTracker,
-    conn_stop: CancellationToken,
-    admin_stop: CancellationToken,
-) {
-    terminate.cancelled().await;
-    readiness.set(false);
-    info!(drain = ?config.drain_duration, "terminating: readiness is now 503; still accepting while load balancers move away");
-    tokio::time::sleep(config.drain_duration).await;
-    accept_stop.cancel();
-    tracker.close();
-    info!(in_flight = tracker.len(), deadline = ?config.termination_deadline, "listener closed; waiting for in-flight connections");
-    if tokio::time::timeout(config.termination_deadline, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            in_flight = tracker.len(),
-            "termination deadline passed; closing the remaining connections"
+        work.in_flight.spawn(
+            proxy
+                .clone()
+                .serve(stream, peer, work.force.clone(), permit),
         );
-        conn_stop.cancel();
-        tracker.wait().await;
     }
-    admin_stop.cancel();
-    info!("gateway stopped");
 }

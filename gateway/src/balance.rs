@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Passive health: when and for how long to eject an endpoint.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -16,9 +16,9 @@ pub struct Ejection {
     /// Consecutive connect failures that eject an endpoint.
     pub after_failures: u32,
     /// First ejection time; doubles with each further ejection, up to `max`.
-    #[serde(with = "registry::cli::duration_ms")]
+    #[serde(with = "process_shell::flags::duration_ms")]
     pub base: Duration,
-    #[serde(with = "registry::cli::duration_ms")]
+    #[serde(with = "process_shell::flags::duration_ms")]
     pub max: Duration,
 }
 
@@ -27,7 +27,7 @@ pub struct EndpointState {
     active: AtomicU32,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
-    /// Milliseconds since [`epoch`]; 0 when not ejected.
+    /// On [`crate::clock::now_ms`]; 0 when not ejected.
     ejected_until: AtomicU64,
 }
 
@@ -37,16 +37,6 @@ pub struct Backend {
     /// `namespace/name` of the pod, for logs.
     pub pod: Option<Arc<str>>,
     pub state: Arc<EndpointState>,
-}
-
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Milliseconds on the gateway's monotonic clock.
-pub fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64 + 1
 }
 
 impl EndpointState {

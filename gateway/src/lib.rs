@@ -4,7 +4,7 @@
 //!  client ──TLS──▶ accept ─▶ proxy: peek ClientHello (hello.rs, sans-IO, ≤16 KiB, deadline)
 //!                               │
 //!                               ▼
-//!                  route.rs: decide(SNI, RouteTable) ─── reject ─▶ TLS alert + metric
+//!                  route.rs: admit_source, decide(SNI, RouteTable) ─ reject ─▶ TLS alert + metric
 //!                               │ Route { service, port, subset, ready backends }
 //!                               ▼
 //!                  balance.rs: pick (P2C on open connections, skip ejected)
@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod clock;
 pub mod config;
 pub mod hello;
 pub mod metrics;

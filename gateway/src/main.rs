@@ -1,5 +1,4 @@
 use anyhow::Context;
-use clap::Parser;
 use gateway::{Config, Gateway};
 
 /// Every open connection is a tokio task plus two socket registrations, each allocated with
@@ -11,17 +10,16 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    registry::admin::init_logging(config.log_format);
+    let config = Config::from_args();
+    process_shell::logging::init_logging(&config.log, "info");
     raise_fd_limit();
-    tracing::info!(config = %serde_json::to_string(&config)?, "starting gateway");
+    process_shell::logging::log_start("gateway", &config);
     let mut term =
-        registry::cli::TerminationSignal::install().context("installing the SIGTERM handler")?;
+        process_shell::TerminationSignal::install().context("installing the SIGTERM handler")?;
     let gateway = Gateway::start(config)
         .await
         .context("gateway failed to start")?;
     term.recv().await;
-    tracing::info!("termination signal received");
     gateway.begin_termination();
     gateway.wait().await;
     Ok(())

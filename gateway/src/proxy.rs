@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use registry::Cidr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, watch};
@@ -14,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use crate::balance::{self, Backend, Ejection};
+use crate::clock;
 use crate::hello::{self, AlertDescription, ClientHello, HelloError, Parsed};
 use crate::metrics::Metrics;
 use crate::route::{Route, RouteTable};
@@ -27,7 +27,6 @@ pub struct Settings {
     pub connect_attempts: u32,
     pub idle_timeout: Duration,
     pub ejection: Ejection,
-    pub allow_source: Vec<Cidr>,
 }
 
 /// What a connection keeps once routed: its upstream and what the access log needs. Every
@@ -54,8 +53,6 @@ pub struct Proxy {
 /// Why a connection ended before it was spliced.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("source {0} is not in --allow-source")]
-    SourceDenied(std::net::IpAddr),
     #[error("no complete ClientHello within {0:?}")]
     PeekTimeout(Duration),
     #[error("client closed before sending a complete ClientHello")]
@@ -86,7 +83,6 @@ enum Failure {
 impl Failure {
     fn reason(&self) -> &'static str {
         match self {
-            Failure::SourceDenied(_) => "source_denied",
             Failure::PeekTimeout(_) => "peek_timeout",
             Failure::ClosedEarly => "closed_early",
             Failure::Hello(HelloError::NotTls) => "not_tls",
@@ -104,7 +100,7 @@ impl Failure {
             Failure::Hello(HelloError::Malformed(_) | HelloError::TooLarge) => {
                 Some(AlertDescription::DecodeError)
             }
-            Failure::Rejected(r) => Some(r.alert()),
+            Failure::Rejected(r) => r.alert(),
             Failure::ConnectFailed { .. } | Failure::LocalResources { .. } => {
                 Some(AlertDescription::InternalError)
             }
@@ -155,7 +151,7 @@ impl Proxy {
         // An async block that uses the arguments where they are: an `async fn` would move each
         // argument into a local of its own and keep both copies in every connection's state.
         async move {
-            let start_ms = balance::now_ms();
+            let start_ms = clock::now_ms();
             // Boxed: the routing phase's futures (peek and connect, with their timers) are
             // larger than the copy phase's, and an unboxed state would keep that size for the
             // whole life of every connection.
@@ -194,7 +190,7 @@ impl Proxy {
                 pod = routed.pod.as_deref().unwrap_or(""),
                 bytes_up = up,
                 bytes_down = down,
-                duration_ms = balance::now_ms().saturating_sub(start_ms),
+                duration_ms = clock::now_ms().saturating_sub(start_ms),
                 outcome,
                 error = ended.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
                 "connection"
@@ -222,10 +218,7 @@ impl Proxy {
     /// Everything before the splice. On success the peeked bytes are already replayed.
     async fn route(&self, client: &mut TcpStream, peer: SocketAddr) -> Result<Routed, Failure> {
         self.metrics.accepted.inc();
-        let allow = &self.settings.allow_source;
-        if !allow.is_empty() && !allow.iter().any(|c| c.contains(&peer.ip())) {
-            return Err(Failure::SourceDenied(peer.ip()));
-        }
+        self.routes.borrow().admit_source(peer.ip())?;
         let _ = client.set_nodelay(true);
         let started = Instant::now();
         let (peeked, hello) = tokio::time::timeout(self.settings.peek_timeout, read_hello(client))
@@ -263,7 +256,7 @@ impl Proxy {
         let mut last = String::from("no endpoint to try");
         let counters = self.metrics.service(&route.service);
         for _ in 0..self.settings.connect_attempts {
-            let Some(backend) = balance::pick(&route.backends, &tried, balance::now_ms()) else {
+            let Some(backend) = balance::pick(&route.backends, &tried, clock::now_ms()) else {
                 break;
             };
             tried.push(backend.addr);
@@ -290,7 +283,7 @@ impl Proxy {
                     debug!(endpoint = %backend.addr, error = %message, "connect failed; trying another endpoint");
                     if let Some(time) = backend
                         .state
-                        .record_failure(&self.settings.ejection, balance::now_ms())
+                        .record_failure(&self.settings.ejection, clock::now_ms())
                     {
                         counters.ejections.inc();
                         warn!(endpoint = %backend.addr, service = %route.service, ?time,
@@ -360,7 +353,7 @@ fn is_local_resource_error(e: &std::io::Error) -> bool {
 /// Log local resource exhaustion at most once a second: it tends to come in floods.
 fn warn_local_resources(failure: &Failure) {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = balance::now_ms();
+    let now = clock::now_ms();
     let last = LAST.load(Ordering::Relaxed);
     if (last == 0 || now.saturating_sub(last) >= 1000)
         && LAST
@@ -403,7 +396,16 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
-        let (_tx, routes) = watch::channel(Arc::new(RouteTable::default()));
+        let options = crate::route::RouteOptions {
+            global_suffix: "global".into(),
+            domain_suffix: "cluster.local".into(),
+            export_policy: crate::route::ExportPolicy::Exported,
+            accept_cluster_local: false,
+            require_istio_alpn: false,
+            allow_source: Vec::new(),
+        };
+        let empty = RouteTable::empty(Arc::new(options));
+        let (_tx, routes) = watch::channel(Arc::new(empty));
         let metrics = Arc::new(Metrics::new(&mut Default::default()));
         let settings = Settings {
             peek_timeout: Duration::from_secs(1),
@@ -415,7 +417,6 @@ mod tests {
                 base: Duration::from_secs(1),
                 max: Duration::from_secs(1),
             },
-            allow_source: Vec::new(),
         };
         let proxy = Arc::new(Proxy::new(routes, metrics, settings));
         let serve = proxy.serve(client, addr, CancellationToken::new(), None);

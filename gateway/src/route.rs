@@ -6,28 +6,21 @@
 //! data path does one hash lookup. Addresses come only from the table, never from the client.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use registry::Cidr;
+pub use registry::admission::ExportPolicy;
+use registry::admission::ready_endpoints;
 use registry::naming::{SniError, SniForm, parse_sni};
-use registry::snapshot::{Labels, ServiceInfo, ServicePort, labels_match};
+use registry::snapshot::{Labels, ServiceInfo, ServicePort};
 use registry::{ServiceName, Snapshot};
 use serde::Serialize;
 
 use crate::balance::{Backend, EndpointState};
 use crate::hello::{AlertDescription, ClientHello};
 
-/// Which services the gateway may route to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExportPolicy {
-    /// Only services with a ServiceExport or the `multicluster.x-k8s.io/exported=true` label.
-    Exported,
-    /// Every service (Istio's behaviour; every service is reachable from other networks).
-    All,
-}
-
-/// What the table needs to know beyond the snapshot.
+/// What the table needs to know beyond the snapshot (from the gateway's flags).
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteOptions {
     pub global_suffix: String,
@@ -37,6 +30,9 @@ pub struct RouteOptions {
     pub accept_cluster_local: bool,
     /// Require an ALPN protocol starting with `istio` (what Istio sidecars offer for mTLS).
     pub require_istio_alpn: bool,
+    /// Accept connections only from these source networks (empty: any).
+    #[serde(serialize_with = "process_shell::flags::display_seq")]
+    pub allow_source: Vec<Cidr>,
 }
 
 /// A decided route: where this connection may go.
@@ -53,6 +49,8 @@ pub struct Route {
 /// Why a connection is refused. `reason()` is the metric label.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
+    #[error("source {0} is not in --allow-source")]
+    SourceDenied(IpAddr),
     #[error(
         "the ClientHello has no server name; clients must send SNI outbound_.<port>_.<subset>_.<host>"
     )]
@@ -89,6 +87,7 @@ pub enum Reject {
 impl Reject {
     pub fn reason(&self) -> &'static str {
         match self {
+            Reject::SourceDenied(_) => "source_denied",
             Reject::NoSni => "no_sni",
             Reject::BadSni(_) => "bad_sni",
             Reject::OutsideSuffix(_) => "outside_suffix",
@@ -102,8 +101,10 @@ impl Reject {
         }
     }
 
-    pub fn alert(&self) -> AlertDescription {
-        match self {
+    /// The TLS alert the client gets; none for a source that may not even be told why.
+    pub fn alert(&self) -> Option<AlertDescription> {
+        Some(match self {
+            Reject::SourceDenied(_) => return None,
             Reject::NoSni
             | Reject::BadSni(_)
             | Reject::OutsideSuffix(_)
@@ -114,7 +115,7 @@ impl Reject {
             Reject::NotExported(_) => AlertDescription::AccessDenied,
             Reject::NoReadyEndpoint { .. } => AlertDescription::InternalError,
             Reject::AlpnRequired => AlertDescription::NoApplicationProtocol,
-        }
+        })
     }
 
     /// The service concerned, when the rejection got that far.
@@ -130,19 +131,18 @@ impl Reject {
 }
 
 /// Everything routable, by accepted host name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouteTable {
     /// The snapshot version it was built from.
     version: u64,
     hosts: HashMap<String, Arc<HostRoutes>>,
-    options: Option<RouteOptions>,
+    options: Arc<RouteOptions>,
     /// Endpoint state by address, reused by the next table.
     states: HashMap<SocketAddr, Arc<EndpointState>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct HostRoutes {
-    #[serde(serialize_with = "ser_arc")]
     pub service: Arc<ServiceName>,
     pub exported: bool,
     pub ports: Vec<PortRoutes>,
@@ -150,13 +150,11 @@ pub struct HostRoutes {
     pub subsets: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct PortRoutes {
     pub port: u16,
     pub name: String,
-    #[serde(serialize_with = "ser_backends")]
     pub all: Arc<[Backend]>,
-    #[serde(serialize_with = "ser_subsets")]
     pub subsets: HashMap<Arc<str>, Arc<[Backend]>>,
 }
 
@@ -166,13 +164,24 @@ impl RouteTable {
         self.version
     }
 
+    /// A table that routes nothing yet (before the first snapshot).
+    pub fn empty(options: Arc<RouteOptions>) -> RouteTable {
+        RouteTable {
+            version: 0,
+            hosts: HashMap::new(),
+            options,
+            states: HashMap::new(),
+        }
+    }
+
     /// Build from a snapshot, keeping endpoint state from `previous` for addresses it keeps.
-    pub fn build(snapshot: &Snapshot, options: &RouteOptions, previous: &RouteTable) -> RouteTable {
-        let mut table = RouteTable {
-            version: snapshot.status.version,
-            options: Some(options.clone()),
-            ..Default::default()
-        };
+    pub fn build(
+        snapshot: &Snapshot,
+        options: &Arc<RouteOptions>,
+        previous: Option<&RouteTable>,
+    ) -> RouteTable {
+        let mut table = RouteTable::empty(options.clone());
+        table.version = snapshot.status.version;
         for service in snapshot.services.values() {
             let routes = Arc::new(table.host_routes(service, options, previous));
             let global = service.name.global_host(&options.global_suffix);
@@ -189,7 +198,7 @@ impl RouteTable {
         &mut self,
         service: &ServiceInfo,
         options: &RouteOptions,
-        previous: &RouteTable,
+        previous: Option<&RouteTable>,
     ) -> HostRoutes {
         let ports = service
             .ports
@@ -216,7 +225,7 @@ impl RouteTable {
             .collect();
         HostRoutes {
             service: Arc::new(service.name.clone()),
-            exported: service.exported || options.export_policy == ExportPolicy::All,
+            exported: options.export_policy.admits(service),
             ports,
             subsets: service.subsets.keys().cloned().collect(),
         }
@@ -227,47 +236,53 @@ impl RouteTable {
         service: &ServiceInfo,
         port: &ServicePort,
         subset: Option<&Labels>,
-        previous: &RouteTable,
+        previous: Option<&RouteTable>,
     ) -> Arc<[Backend]> {
-        let mut out: Vec<Backend> = Vec::new();
-        for (endpoint, target) in service.endpoints_for(port) {
-            if !endpoint.ready || subset.is_some_and(|s| !labels_match(s, &endpoint.labels)) {
-                continue;
-            }
-            let addr = SocketAddr::new(endpoint.address, target);
-            if out.iter().any(|b| b.addr == addr) {
-                continue;
-            }
-            let state = self
-                .states
-                .entry(addr)
-                .or_insert_with(|| previous.states.get(&addr).cloned().unwrap_or_default())
-                .clone();
-            out.push(Backend {
-                addr,
-                pod: endpoint.pod.as_deref().map(Arc::from),
-                state,
-            });
-        }
-        out.into()
+        ready_endpoints(service, port, subset)
+            .into_iter()
+            .map(|ready| {
+                let state = self
+                    .states
+                    .entry(ready.addr)
+                    .or_insert_with(|| {
+                        previous
+                            .and_then(|p| p.states.get(&ready.addr).cloned())
+                            .unwrap_or_default()
+                    })
+                    .clone();
+                Backend {
+                    addr: ready.addr,
+                    pod: ready.endpoint.pod.as_deref().map(Arc::from),
+                    state,
+                }
+            })
+            .collect()
     }
 
-    pub fn options(&self) -> Option<&RouteOptions> {
-        self.options.as_ref()
+    pub fn options(&self) -> &RouteOptions {
+        &self.options
     }
 
     pub fn hosts(&self) -> impl Iterator<Item = (&String, &Arc<HostRoutes>)> {
         self.hosts.iter()
     }
 
+    /// Whether a connection from `source` may be served at all (`--allow-source`), decided
+    /// before its ClientHello is read.
+    pub fn admit_source(&self, source: IpAddr) -> Result<(), Reject> {
+        let allow = &self.options.allow_source;
+        if allow.is_empty() || allow.iter().any(|c| c.contains(&source)) {
+            Ok(())
+        } else {
+            Err(Reject::SourceDenied(source))
+        }
+    }
+
     /// The decision for one ClientHello.
     pub fn decide(&self, hello: &ClientHello) -> Result<Route, Reject> {
         let sni = hello.sni.as_deref().ok_or(Reject::NoSni)?;
         let form = parse_sni(sni).map_err(Reject::BadSni)?;
-        let options = self.options.as_ref();
-        if options.is_some_and(|o| o.require_istio_alpn)
-            && !hello.alpn.iter().any(|p| p.starts_with("istio"))
-        {
+        if self.options.require_istio_alpn && !hello.alpn.iter().any(|p| p.starts_with("istio")) {
             return Err(Reject::AlpnRequired);
         }
         let (host, port, subset) = match form {
@@ -327,7 +342,7 @@ impl RouteTable {
     }
 
     fn under_accepted_suffix(&self, host: &str) -> bool {
-        let Some(o) = &self.options else { return false };
+        let o = &self.options;
         let under = |suffix: &str| {
             host.strip_suffix(suffix)
                 .is_some_and(|stem| stem.ends_with('.') && stem.len() > 1)
@@ -335,50 +350,6 @@ impl RouteTable {
         under(&o.global_suffix)
             || (o.accept_cluster_local && under(&format!("svc.{}", o.domain_suffix)))
     }
-}
-
-#[derive(Serialize)]
-struct BackendView<'a> {
-    addr: SocketAddr,
-    pod: Option<&'a str>,
-    active: u32,
-    ejected: bool,
-    consecutive_failures: u32,
-}
-
-fn ser_backends<S: serde::Serializer>(b: &Arc<[Backend]>, s: S) -> Result<S::Ok, S::Error> {
-    let now = crate::balance::now_ms();
-    s.collect_seq(b.iter().map(|b| BackendView {
-        addr: b.addr,
-        pod: b.pod.as_deref(),
-        active: b.state.active(),
-        ejected: b.state.is_ejected(now),
-        consecutive_failures: b.state.consecutive_failures(),
-    }))
-}
-
-fn ser_arc<T: Serialize, S: serde::Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
-    T::serialize(v, s)
-}
-
-fn ser_subsets<S: serde::Serializer>(
-    m: &HashMap<Arc<str>, Arc<[Backend]>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut keys: Vec<_> = m.keys().collect();
-    keys.sort();
-    let mut map = s.serialize_map(Some(keys.len()))?;
-    for k in keys {
-        struct B<'a>(&'a Arc<[Backend]>);
-        impl Serialize for B<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                ser_backends(self.0, s)
-            }
-        }
-        map.serialize_entry(&**k, &B(&m[k]))?;
-    }
-    map.end()
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ pub async fn copy_bidirectional(
 ) -> io::Result<Ended> {
     transfer
         .last_activity
-        .store(crate::balance::now_ms(), Ordering::Relaxed);
+        .store(crate::clock::now_ms(), Ordering::Relaxed);
     let mut up = Direction::default();
     let mut down = Direction::default();
     let timer = tokio::time::sleep(idle);
@@ -88,7 +88,7 @@ pub async fn copy_bidirectional(
             return Poll::Ready(Ok(Ended::Closed));
         }
         while timer.as_mut().poll(cx).is_ready() {
-            let since = crate::balance::now_ms()
+            let since = crate::clock::now_ms()
                 .saturating_sub(transfer.last_activity.load(Ordering::Relaxed));
             let left = idle.saturating_sub(Duration::from_millis(since));
             if left.is_zero() {
@@ -156,7 +156,7 @@ impl Direction {
             count.fetch_add(n as u64, Ordering::Relaxed);
             transfer
                 .last_activity
-                .store(crate::balance::now_ms(), Ordering::Relaxed);
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
         };
         loop {
             // What `to` did not take yet goes first, in order.

@@ -705,8 +705,8 @@ async fn termination_drains_then_closes_the_listener_and_waits_for_connections()
     )
     .unwrap();
     let gw = start_gateway(dir.path(), |c| {
-        c.drain_duration = Duration::from_millis(300);
-        c.termination_deadline = Duration::from_secs(20);
+        c.lifecycle.drain_duration = Duration::from_millis(300);
+        c.lifecycle.termination_deadline = Duration::from_secs(20);
     })
     .await;
     let tcp = TcpStream::connect(gw.proxy_addr).await.unwrap();

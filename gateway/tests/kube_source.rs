@@ -274,3 +274,31 @@ async fn not_ready_until_the_first_full_sync() {
     .await;
     assert_eq!(call(&gw, V1).await.as_deref(), Some("v1"));
 }
+
+/// A first sync that lands after termination began must not turn readiness back to 200: load
+/// balancers would send new connections to a gateway about to close its listener.
+#[tokio::test]
+async fn never_ready_once_draining_even_if_the_first_sync_lands_later() {
+    let fake = FakeApiServer::start().await;
+    let (v1, v2) = two_pods().await;
+    mesh(&fake, v1, v2);
+    fake.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests_with_kubeconfig(fake.write_kubeconfig(dir.path()));
+    // Long enough that the listeners stay open for the whole test.
+    config.lifecycle.drain_duration = Duration::from_secs(60);
+    let gw = Gateway::start(config)
+        .await
+        .expect("starts without the API server");
+    assert_eq!(http_get(gw.status_addr, "/healthz/ready").await.0, 503);
+    gw.begin_termination();
+    fake.restart().await;
+    // The sync landed and the table is built from it: connections are routed (the gateway
+    // still accepts while it drains)...
+    eventually("routes from the synced objects", || async {
+        call(&gw, V1).await.as_deref() == Some("v1")
+    })
+    .await;
+    // ...but readiness stays 503.
+    assert_eq!(http_get(gw.status_addr, "/healthz/ready").await.0, 503);
+}

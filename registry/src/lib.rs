@@ -13,9 +13,11 @@
 //! ```
 //!
 //! `naming` holds the name forms everyone shares (Istio SNI, cluster names, `.global`), and
-//! `admin` the status, metrics and debug HTTP endpoints every binary serves.
+//! `admission` the rules a gateway admits a connection by (export policy, ready endpoints of a
+//! port and subset), which the EDS server applies to remote clusters too.
 
 pub mod admin;
+pub mod admission;
 pub mod cidr;
 pub mod cli;
 pub mod naming;

@@ -12,6 +12,7 @@ fn options() -> RouteOptions {
         export_policy: ExportPolicy::Exported,
         accept_cluster_local: false,
         require_istio_alpn: false,
+        allow_source: Vec::new(),
     }
 }
 
@@ -22,7 +23,7 @@ fn table_with(options: RouteOptions) -> RouteTable {
         "{:?}",
         snapshot.status.errors
     );
-    RouteTable::build(&snapshot, &options, &RouteTable::default())
+    RouteTable::build(&snapshot, &Arc::new(options), None)
 }
 
 fn decide(table: &RouteTable, sni: &str) -> Result<Route, Reject> {
@@ -59,7 +60,7 @@ fn subset_selects_by_pod_labels() {
     // A defined subset whose pods are not ready.
     let e = decide(&t, "outbound_.8000_.v3_.httpbin.bar.global").unwrap_err();
     assert!(matches!(e, Reject::NoReadyEndpoint { .. }));
-    assert_eq!(e.alert(), AlertDescription::InternalError);
+    assert_eq!(e.alert(), Some(AlertDescription::InternalError));
 }
 
 #[test]
@@ -82,7 +83,7 @@ fn refuses_what_it_may_not_serve() {
     let t = table_with(options());
     let e = decide(&t, "outbound_.9000_._.private.bar.global").unwrap_err();
     assert_eq!(e.reason(), "not_exported");
-    assert_eq!(e.alert(), AlertDescription::AccessDenied);
+    assert_eq!(e.alert(), Some(AlertDescription::AccessDenied));
     let cases = [
         ("outbound_.8000_._.nothere.bar.global", "unknown_service"),
         ("outbound_.8001_._.httpbin.bar.global", "unknown_port"),
@@ -103,7 +104,7 @@ fn refuses_what_it_may_not_serve() {
     });
     assert_eq!(
         no_sni.unwrap_err().alert(),
-        AlertDescription::UnrecognizedName
+        Some(AlertDescription::UnrecognizedName)
     );
 }
 
@@ -154,10 +155,10 @@ fn istio_alpn_when_required() {
 #[test]
 fn endpoint_state_survives_a_rebuild() {
     let snapshot = snapshot_from_yaml(FIXTURE);
-    let first = RouteTable::build(&snapshot, &options(), &RouteTable::default());
+    let first = RouteTable::build(&snapshot, &Arc::new(options()), None);
     let r1 = decide(&first, "outbound_.8000_.v1_.httpbin.bar.global").unwrap();
     let _guard = r1.backends[0].state.open();
-    let second = RouteTable::build(&snapshot, &options(), &first);
+    let second = RouteTable::build(&snapshot, &Arc::new(options()), Some(&first));
     let r2 = decide(&second, "outbound_.8000_.v1_.httpbin.bar.global").unwrap();
     assert_eq!(r2.backends[0].state.active(), 1);
     // The same address in two subsets shares one state.
@@ -168,4 +169,23 @@ fn endpoint_state_survives_a_rebuild() {
         .find(|b| b.addr == r2.backends[0].addr)
         .unwrap();
     assert!(Arc::ptr_eq(&same.state, &r2.backends[0].state));
+}
+
+#[test]
+fn source_admission_before_the_hello() {
+    let open = table_with(options());
+    assert!(open.admit_source("203.0.113.9".parse().unwrap()).is_ok());
+    let t = table_with(RouteOptions {
+        allow_source: vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "127.0.0.1/32".parse().unwrap(),
+        ],
+        ..options()
+    });
+    assert!(t.admit_source("10.1.2.3".parse().unwrap()).is_ok());
+    assert!(t.admit_source("127.0.0.1".parse().unwrap()).is_ok());
+    let e = t.admit_source("10.2.0.1".parse().unwrap()).unwrap_err();
+    assert_eq!(e.reason(), "source_denied");
+    // Refused without a word: no alert tells a stranger what the gateway serves.
+    assert_eq!(e.alert(), None);
 }
