@@ -10,11 +10,12 @@ use axum::Router;
 use axum::extract::Query;
 use axum::routing::get;
 use hickory_proto::rr::{LowerName, Name, RecordType};
+use process_shell::admin::json_response;
 use registry::SnapshotHandle;
-use registry::admin::json_response;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::answers::Answers;
 use crate::config::Config;
 use crate::table::{Conflict, HostInfo, Lookup, Place, Table};
 
@@ -22,7 +23,7 @@ use crate::table::{Conflict, HostInfo, Lookup, Place, Table};
 pub struct AdminState {
     pub config: Arc<Config>,
     pub snapshot: SnapshotHandle,
-    pub table: watch::Receiver<Arc<Table>>,
+    pub answers: watch::Receiver<Arc<Answers>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -38,8 +39,8 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/debug/explain",
             get(move |Query(q): Query<ExplainQuery>| {
-                let table = state.table.borrow().clone();
-                async move { json_response(&explain(&table, &q)) }
+                let answers = state.answers.borrow().clone();
+                async move { json_response(&explain(&answers.table, &q)) }
             }),
         )
 }
@@ -63,7 +64,8 @@ struct TableDump<'a> {
 }
 
 fn config_dump(s: &AdminState) -> serde_json::Value {
-    let table = s.table.borrow().clone();
+    let answers = s.answers.borrow().clone();
+    let table = &answers.table;
     let snapshot = s.snapshot.current();
     let dump = ConfigDump {
         config: &s.config,

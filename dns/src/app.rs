@@ -1,24 +1,26 @@
-//! Wiring: the config source (a directory, or the Kubernetes API), the table writer, the UDP
-//! and TCP listeners, the admin endpoints.
+//! Wiring: the UDP and TCP listeners with their threads, the answer-table writer, and the
+//! process shell's parts (source, admin servers, readiness, SIGTERM lifecycle) around them.
 //! Tests start a whole [`Dns`] in-process on 127.0.0.1 port 0.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use process_shell::admin::Servers;
+use process_shell::readiness::synced_and_built;
+use process_shell::source::{SourceError, SourceSpec};
+use process_shell::{ConfigError, Lifecycle, Readiness, Source, Work};
 use prometheus_client::registry::Registry;
 use registry::SnapshotHandle;
-use registry::admin::{self, Readiness};
 use registry::objects::Kind;
-use registry::source::dir::{DirError, watch_dir};
-use registry::source::kube::{self as kube_source, KubeError, KubeSource, KubeSourceConfig};
+use registry::source::kube as kube_source;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::answers::Answers;
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::{Handler, serve_tcp, serve_udp};
 use crate::table::{Table, TableOptions};
@@ -28,12 +30,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Source(#[from] DirError),
-    /// The cause follows in the error's source chain (as `anyhow` prints it).
-    #[error(
-        "cannot start the Kubernetes API source for ServiceEntries (used without --config-dir)"
-    )]
-    Kube(#[from] KubeError),
+    Source(#[from] SourceError),
     #[error(transparent)]
     Bind(#[from] std::io::Error),
 }
@@ -47,19 +44,7 @@ pub struct Dns {
     pub admin_addr: SocketAddr,
     pub readiness: Readiness,
     pub handler: Handler,
-    stop: CancellationToken,
-    tcp: tokio::task::JoinHandle<()>,
-    tcp_connections: TaskTracker,
-    udp: Vec<std::thread::JoinHandle<()>>,
-    source: Source,
-    /// Cancelled when draining starts: a first sync that lands later does not report ready.
-    draining: CancellationToken,
-}
-
-/// What feeds the snapshot; kept for the server's lifetime and stopped on shutdown.
-enum Source {
-    Dir(tokio::task::JoinHandle<()>),
-    Kube(KubeSource),
+    lifecycle: Lifecycle,
 }
 
 /// The ServiceEntries a dns server reads, and nothing else: its RBAC allows list/watch of
@@ -74,190 +59,133 @@ impl Dns {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
         let (udp, tcp_listener) = bind_dns(config.listen, workers).await?;
         let dns_addr = tcp_listener.local_addr()?;
-        let status = admin::bind(config.status_listen, "readiness (--status-listen)").await?;
-        let metrics_l = admin::bind(config.metrics_listen, "metrics (--metrics-listen)").await?;
-        let admin_l = admin::bind(config.admin_listen, "admin (--admin-listen)").await?;
-        let (status_addr, metrics_addr, admin_addr) = (
-            status.local_addr()?,
-            metrics_l.local_addr()?,
-            admin_l.local_addr()?,
-        );
+        let servers = Servers::bind(&config.listeners).await?;
+        let addresses = servers.addresses()?;
 
         let mut registry = Registry::default();
-        let (snapshot, source) = start_source(&config, &mut registry).await?;
+        let spec = SourceSpec {
+            cluster_id: &config.cluster_id,
+            kinds: DNS_KINDS,
+            secrets: None,
+        };
+        let source = Source::start(&config.source, spec, || {
+            Arc::new(kube_source::Metrics::new(&mut registry))
+        })
+        .await?;
+        let snapshot = source.handle.clone();
 
         let metrics = Arc::new(Metrics::new(&mut registry));
-        let stop = CancellationToken::new();
-        let table = spawn_table_writer(
+        let work = Work::default();
+        // Cancelled last, once every query is answered: the admin servers and the table writer.
+        let stopped = CancellationToken::new();
+        let answers = spawn_table_writer(
             snapshot.clone(),
             config.table_options(),
             metrics.clone(),
-            stop.clone(),
+            stopped.clone(),
         );
-        let handler = Handler::new(table.clone(), metrics, config.max_udp_payload);
-        let table_for_readiness = table.clone();
+        let handler = Handler::new(answers.clone(), metrics, config.max_udp_payload);
 
         let readiness = Readiness::default();
-        admin::spawn_http(
-            status,
-            admin::status_router(readiness.clone()),
-            stop.clone(),
-        );
-        admin::spawn_http(
-            metrics_l,
-            admin::metrics_router(Arc::new(registry)),
-            stop.clone(),
-        );
         let admin_state = crate::admin::AdminState {
             config: config.clone(),
             snapshot: snapshot.clone(),
-            table,
+            answers: answers.clone(),
         };
-        admin::spawn_http(admin_l, crate::admin::router(admin_state), stop.clone());
+        servers.serve(
+            readiness.clone(),
+            registry,
+            crate::admin::router(admin_state),
+            &stopped,
+        );
 
-        let udp_tasks = udp
+        // UDP answers until the drain is over; TCP connections are in-flight work.
+        let udp_workers = udp
             .into_iter()
             .enumerate()
-            .map(|(i, socket)| spawn_udp_worker(i, socket, handler.clone(), stop.clone()))
+            .map(|(i, socket)| {
+                spawn_udp_worker(i, socket, handler.clone(), work.stop_accepting.clone())
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
-        let tcp_connections = TaskTracker::new();
         let tcp = tokio::spawn(serve_tcp(
             tcp_listener,
             handler.clone(),
             config.tcp_idle_timeout,
-            stop.clone(),
-            tcp_connections.clone(),
+            work.clone(),
         ));
 
-        // Ready once the source's first full sync is done: at once for a directory; for the
-        // API, after ServiceEntries have been listed. Start does not wait for the API: until
-        // then, names are answered from an empty table (NXDOMAIN) and readiness is 503.
-        let draining = CancellationToken::new();
-        let ready_when_synced = {
-            let (snapshot, readiness, draining) =
-                (snapshot.clone(), readiness.clone(), draining.clone());
-            let mut tables = table_for_readiness;
-            let (status, metrics, admin) = (status_addr, metrics_addr, admin_addr);
-            let zones = config.zones.clone();
-            async move {
-                tokio::select! {
-                    _ = draining.cancelled() => {}
-                    _ = async {
-                        snapshot.wait_synced().await;
-                        // Ready means answering from the synced objects: wait for the table
-                        // built from them (it is built off the runtime, a little later).
-                        let synced = snapshot.current().status.version;
-                        let _ = tables.wait_for(|t| t.version >= synced).await;
-                    } => {
-                        readiness.set(true);
-                        if draining.is_cancelled() {
-                            readiness.set(false);
-                            return;
-                        }
-                        info!(
-                            listen = %dns_addr,
-                            %status,
-                            %metrics,
-                            %admin,
-                            ?zones,
-                            "dns ready (UDP and TCP)"
-                        );
-                    }
-                }
-            }
-        };
-        if snapshot.is_synced() {
-            ready_when_synced.await;
-        } else {
+        // Ready once the source's first full sync is done and the table is built from it: at
+        // once for a directory; for the API, after ServiceEntries have been listed. Start does
+        // not wait for the API: until then, names are answered from an empty table (NXDOMAIN)
+        // and readiness is 503.
+        if !snapshot.is_synced() {
             info!(
                 listen = %dns_addr,
                 "answering; waiting for the first full list of ServiceEntries from the \
                  Kubernetes API before reporting ready"
             );
-            tokio::spawn(ready_when_synced);
         }
+        let zones = config.zones.clone();
+        readiness
+            .become_ready_when(
+                &snapshot,
+                synced_and_built(snapshot.clone(), answers, |a| a.version()),
+                move || {
+                    info!(
+                        listen = %dns_addr,
+                        status = %addresses.status,
+                        metrics = %addresses.metrics,
+                        admin = %addresses.admin,
+                        ?zones,
+                        "dns ready (UDP and TCP)"
+                    )
+                },
+            )
+            .await;
+
+        let lifecycle = Lifecycle::spawn(
+            "dns",
+            readiness.clone(),
+            &config.lifecycle,
+            work,
+            async move {
+                if let Err(e) = tcp.await {
+                    warn!(error = %e, "TCP accept loop ended abnormally");
+                }
+                for worker in udp_workers {
+                    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+                }
+                stopped.cancel();
+                source.shutdown().await;
+            },
+        );
         Ok(Dns {
             dns_addr,
-            status_addr,
-            metrics_addr,
-            admin_addr,
+            status_addr: addresses.status,
+            metrics_addr: addresses.metrics,
+            admin_addr: addresses.admin,
             readiness,
             handler,
-            stop,
-            tcp,
-            tcp_connections,
-            udp: udp_tasks,
-            source,
-            draining,
+            lifecycle,
         })
     }
 
-    /// Start draining, as SIGTERM does: readiness 503 (and it stays so), answers continue.
-    pub fn begin_drain(&self) {
-        self.draining.cancel();
-        self.readiness.set(false);
+    /// Start terminating, as SIGTERM does: readiness 503 (and it stays so), answers continue
+    /// for --drain-duration; then the listeners close and TCP queries in flight have until
+    /// --termination-deadline.
+    pub fn begin_termination(&self) {
+        self.lifecycle.begin();
     }
 
-    /// Stop answering and close every listener. In-flight TCP queries finish first; then the
-    /// source is stopped.
+    /// Wait until termination has finished.
+    pub async fn wait(self) {
+        self.lifecycle.wait().await;
+    }
+
+    /// Stop now (tests): no drain, no deadline.
     pub async fn shutdown(self) {
-        self.begin_drain();
-        self.stop.cancel();
-        if let Err(e) = self.tcp.await {
-            warn!(error = %e, "TCP accept loop ended abnormally");
-        }
-        self.tcp_connections.close();
-        // A slow client could hold a connection for two idle timeouts (body, then reply);
-        // never let that outlast the pod's termination grace period.
-        if tokio::time::timeout(TCP_SHUTDOWN_GRACE, self.tcp_connections.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                open = self.tcp_connections.len(),
-                grace = ?TCP_SHUTDOWN_GRACE,
-                "TCP connections still mid-query at shutdown: closed"
-            );
-        }
-        for worker in self.udp {
-            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-        }
-        match self.source {
-            Source::Dir(task) => task.abort(),
-            Source::Kube(source) => source.shutdown().await,
-        }
+        self.lifecycle.stop_now().await;
     }
-}
-
-/// How long shutdown waits for TCP queries in flight.
-const TCP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The directory source with --config-dir, else the Kubernetes API (ServiceEntries only).
-async fn start_source(
-    config: &Config,
-    registry: &mut Registry,
-) -> Result<(SnapshotHandle, Source), StartError> {
-    if let Some(dir) = &config.config_dir {
-        let (handle, task) = watch_dir(dir.clone(), config.config_poll).await?;
-        return Ok((handle, Source::Dir(task)));
-    }
-    let client = match &config.kubeconfig {
-        Some(path) => kube_source::client_from_kubeconfig_file(path).await?,
-        None => kube_source::client_infer().await?,
-    };
-    let metrics = Arc::new(kube_source::Metrics::new(registry));
-    let source_config = KubeSourceConfig::new(
-        &config.cluster_id,
-        DNS_KINDS,
-        config.watch_namespaces.clone(),
-    );
-    info!(
-        cluster = %config.cluster_id,
-        namespaces = ?config.watch_namespaces,
-        "reading ServiceEntries from the Kubernetes API"
-    );
-    let source = KubeSource::start(client, source_config, metrics);
-    Ok((source.handle.clone(), Source::Kube(source)))
 }
 
 /// Bind TCP and `udp_sockets` UDP sockets on one address. With port 0, find a port free for
@@ -328,18 +256,18 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// The single writer of the answer table: rebuilds it on every snapshot change, off the request
-/// path, and swaps it in whole. Conflicts and notes are logged when they change.
+/// The single writer of the answers: rebuilds them on every snapshot change, off the request
+/// path, and swaps them in whole. Conflicts and notes are logged when they change.
 fn spawn_table_writer(
     snapshot: SnapshotHandle,
     options: TableOptions,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) -> watch::Receiver<Arc<Table>> {
+) -> watch::Receiver<Arc<Answers>> {
     let mut changes = snapshot.subscribe();
-    let first = Table::build(&changes.borrow_and_update(), &options);
+    let first = Answers::build(&changes.borrow_and_update(), &options);
     let mut reported = BTreeSet::new();
-    report(&first, &metrics, &mut reported);
+    report(&first.table, &metrics, &mut reported);
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         loop {
@@ -351,12 +279,13 @@ fn spawn_table_writer(
             // Off the runtime: with the prebuilt wire answers a large table takes a while,
             // and the UDP workers share these threads.
             let opts = options.clone();
-            let Ok(table) =
-                tokio::task::spawn_blocking(move || Table::build(&current, &opts)).await
+            let Ok(answers) =
+                tokio::task::spawn_blocking(move || Answers::build(&current, &opts)).await
             else {
                 return;
             };
-            report(&table, &metrics, &mut reported);
+            let table = &answers.table;
+            report(table, &metrics, &mut reported);
             info!(
                 version = table.version,
                 entries = table.entries_served,
@@ -364,7 +293,7 @@ fn spawn_table_writer(
                 conflicts = table.conflicts.len(),
                 "answer table updated"
             );
-            if tx.send(Arc::new(table)).is_err() {
+            if tx.send(Arc::new(answers)).is_err() {
                 return;
             }
         }

@@ -1,17 +1,35 @@
-//! The dns server's one `Config`: flags with `DNS_*` environment fallbacks, validated as a whole
-//! so every problem is reported at once.
+//! The dns server's one `Config`: the shared process flags (source, listeners, lifecycle, logs)
+//! flattened in beside its own, every flag with a `DNS_*` environment fallback, validated as a
+//! whole so every problem is reported at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use process_shell::ConfigError;
+use process_shell::flags::{
+    LifecycleDefaults, LifecycleFlags, ListenFlags, LogFlags, Namespaces, Problems, SourceFlags,
+    display, display_opt, duration_ms, parse_duration,
+};
 use registry::Cidr;
-use registry::admin::LogFormat;
-use registry::cli::parse_duration;
 use serde::Serialize;
 
 use crate::table::TableOptions;
+
+/// Every flag `--foo-bar` also reads `DNS_FOO_BAR`.
+pub const ENV_PREFIX: &str = "DNS";
+
+/// dns's drain and deadline defaults: the pod's terminationGracePeriodSeconds (15 in
+/// deploy/base/dns.yaml) is above 5 s + 2 s; a TCP query in flight takes milliseconds, and a
+/// slow client must not hold the pod past its grace period.
+#[derive(Clone, Debug)]
+pub struct DnsLifecycle;
+
+impl LifecycleDefaults for DnsLifecycle {
+    const DRAIN_DURATION: &'static str = "5s";
+    const TERMINATION_DEADLINE: &'static str = "2s";
+}
 
 /// Authoritative DNS for the mesh's `.global` names.
 ///
@@ -25,147 +43,79 @@ use crate::table::TableOptions;
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(name = "dns", version, about, long_about)]
 pub struct Config {
-    /// Read ServiceEntry objects from YAML files in this directory (Kubernetes shapes; watched
-    /// and reloaded without restart) instead of the Kubernetes API.
-    #[arg(long, env = "DNS_CONFIG_DIR")]
-    pub config_dir: Option<PathBuf>,
-
-    /// Without --config-dir: the kubeconfig to reach the Kubernetes API with (default:
-    /// in-cluster service account, else KUBECONFIG or ~/.kube/config).
-    #[arg(long, env = "DNS_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-
-    /// Without --config-dir: watch ServiceEntries only in these namespaces (repeatable, or
-    /// comma-separated; default: all).
-    #[arg(
-        long = "watch-namespace",
-        env = "DNS_WATCH_NAMESPACE",
-        value_delimiter = ','
-    )]
-    pub watch_namespaces: Vec<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub source: SourceFlags,
 
     /// This cluster's id, for the Kubernetes source's metrics and /config_dump.
-    #[arg(long, env = "DNS_CLUSTER_ID", default_value = "cluster-1")]
+    #[arg(long, default_value = "cluster-1")]
     pub cluster_id: String,
-
-    /// How often the config directory is checked for changes.
-    #[arg(long, env = "DNS_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
-    pub config_poll: Duration,
 
     /// DNS listener, UDP and TCP on the same address. With port 0 one free port is chosen for
     /// both.
-    #[arg(long, env = "DNS_LISTEN", default_value = "0.0.0.0:53")]
+    #[arg(long, default_value = "0.0.0.0:53")]
     pub listen: SocketAddr,
 
     /// A zone this server is authoritative for (repeatable, or comma-separated).
-    #[arg(
-        long = "zone",
-        env = "DNS_ZONE",
-        default_value = "global",
-        value_delimiter = ','
-    )]
+    #[arg(long = "zone", default_value = "global", value_delimiter = ',')]
     pub zones: Vec<String>,
 
     /// TTL of answers, and of the SOA used for negative caching.
-    #[arg(long, env = "DNS_TTL", default_value = "30s", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "duration_ms")]
     pub ttl: Duration,
 
     /// IPv4 range VIPs are allocated from, for entries without `addresses`.
-    #[arg(long, env = "DNS_VIP_RANGE", default_value = "240.240.0.0/16")]
+    #[arg(long, default_value = "240.240.0.0/16")]
     #[serde(serialize_with = "display")]
     pub vip_range: Cidr,
 
     /// IPv6 range VIPs are allocated from (e.g. 2001:2::/48, as Istio uses); without it,
     /// address-less entries get no AAAA (NODATA), which suits IPv4-only clusters.
-    #[arg(long, env = "DNS_VIP_RANGE_V6")]
+    #[arg(long)]
     #[serde(serialize_with = "display_opt")]
     pub vip_range_v6: Option<Cidr>,
 
     /// Largest UDP response sent, whatever larger size a client's EDNS advertises (1232 avoids
     /// IP fragmentation, as DNS Flag Day 2020 recommends). Larger answers are truncated (TC) and
     /// the client retries over TCP.
-    #[arg(long, env = "DNS_MAX_UDP_PAYLOAD", default_value_t = 1232)]
+    #[arg(long, default_value_t = 1232)]
     pub max_udp_payload: u16,
 
     /// Close a TCP connection that sends no query for this long.
-    #[arg(long, env = "DNS_TCP_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "duration_ms")]
     pub tcp_idle_timeout: Duration,
 
-    /// `GET /healthz/ready`: 200 once the first config sync is done.
-    #[arg(long, env = "DNS_STATUS_LISTEN", default_value = "0.0.0.0:15021")]
-    pub status_listen: SocketAddr,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub listeners: ListenFlags,
 
-    /// `GET /metrics` in Prometheus text format.
-    #[arg(long, env = "DNS_METRICS_LISTEN", default_value = "0.0.0.0:15020")]
-    pub metrics_listen: SocketAddr,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lifecycle: LifecycleFlags<DnsLifecycle>,
 
-    /// `GET /config_dump` and `GET /debug/explain?host=...`. Keep it on localhost.
-    #[arg(long, env = "DNS_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
-    pub admin_listen: SocketAddr,
-
-    /// On SIGTERM, keep answering this long with readiness 503, so the Service's endpoints (and
-    /// CoreDNS's forwarders) move away before the sockets close.
-    #[arg(long, env = "DNS_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
-    pub drain_duration: Duration,
-
-    /// Log format.
-    #[arg(long, env = "DNS_LOG_FORMAT", value_enum, default_value = "plain")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub log: LogFlags,
 }
 
-/// Every problem with a configuration, reported together.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
-pub struct ConfigError(pub Vec<String>);
-
 impl Config {
+    /// This process's flags, with their `DNS_*` fallbacks.
+    pub fn from_args() -> Config {
+        process_shell::flags::parse(ENV_PREFIX)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut errors = Vec::new();
-        match &self.config_dir {
-            // The Kubernetes API source.
-            None => {}
-            Some(d) if !d.is_dir() => errors.push(format!(
-                "--config-dir {}: not a directory; does it exist?",
-                d.display()
-            )),
-            Some(_) if self.kubeconfig.is_some() || !self.watch_namespaces.is_empty() => errors
-                .push(
-                    "--kubeconfig and --watch-namespace apply to the Kubernetes API source; \
-                     drop them or drop --config-dir"
-                        .into(),
-                ),
-            Some(_) => {}
-        }
-        if let Some(k) = &self.kubeconfig
-            && !k.is_file()
-        {
-            errors.push(format!(
-                "--kubeconfig {}: not a file; does it exist?",
-                k.display()
-            ));
-        }
-        for ns in &self.watch_namespaces {
-            if !registry::naming::is_dns1123_label(ns) {
-                errors.push(format!("--watch-namespace {ns:?} is not a namespace name"));
-            }
-        }
-        if !registry::naming::is_dns1123_label(&self.cluster_id) {
-            errors.push(format!(
-                "--cluster-id {:?} is not a DNS label (lower-case letters, digits and `-`, \
-                 e.g. cluster-1)",
-                self.cluster_id
-            ));
-        }
+        let mut p = Problems::default();
+        self.source.check(&mut p, Namespaces::LocalApiOnly);
+        p.dns_label("--cluster-id", &self.cluster_id);
         if self.zones.is_empty() {
-            errors.push("--zone: at least one zone is required (e.g. global)".into());
+            p.push("--zone: at least one zone is required (e.g. global)");
         }
         for zone in &self.zones {
             if normalize_zone(zone).is_none() {
-                errors.push(format!(
+                p.push(format!(
                     "--zone {zone:?} is not a DNS name (letters, digits and `-` in labels \
                      separated by dots, e.g. global)"
                 ));
@@ -174,57 +124,41 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for zone in self.zones.iter().filter_map(|z| normalize_zone(z)) {
             if !seen.insert(zone.clone()) {
-                errors.push(format!("--zone {zone} is given twice"));
+                p.push(format!("--zone {zone} is given twice"));
             }
         }
         if self.ttl.is_zero() || self.ttl.as_secs() > u64::from(i32::MAX as u32) {
-            errors.push("--ttl must be at least 1s (and below 68 years)".into());
+            p.push("--ttl must be at least 1s (and below 68 years)");
         }
         if self.ttl.subsec_nanos() != 0 {
-            errors.push("--ttl must be whole seconds".into());
+            p.push("--ttl must be whole seconds");
         }
         if !self.vip_range.addr().is_ipv4() {
-            errors.push(format!(
+            p.push(format!(
                 "--vip-range {} is not IPv4; use --vip-range-v6 for an IPv6 range",
                 self.vip_range
             ));
         } else if self.vip_range.prefix() > 30 {
-            errors.push(format!(
+            p.push(format!(
                 "--vip-range {} is too small: use at most /30 (a /16 holds 65534 VIPs)",
                 self.vip_range
             ));
         }
         if let Some(v6) = &self.vip_range_v6 {
             if v6.addr().is_ipv4() {
-                errors.push(format!("--vip-range-v6 {v6} is not IPv6"));
+                p.push(format!("--vip-range-v6 {v6} is not IPv6"));
             } else if v6.prefix() > 126 {
-                errors.push(format!(
+                p.push(format!(
                     "--vip-range-v6 {v6} is too small: use at most /126"
                 ));
             }
         }
         if self.max_udp_payload < 512 {
-            errors.push("--max-udp-payload must be at least 512 (RFC 1035)".into());
+            p.push("--max-udp-payload must be at least 512 (RFC 1035)");
         }
-        for (flag, d) in [
-            ("--config-poll", self.config_poll),
-            ("--tcp-idle-timeout", self.tcp_idle_timeout),
-        ] {
-            if d.is_zero() {
-                errors.push(format!("{flag} must be more than 0"));
-            }
-        }
-        let listeners = [
-            ("--status-listen", self.status_listen),
-            ("--metrics-listen", self.metrics_listen),
-            ("--admin-listen", self.admin_listen),
-        ];
-        registry::cli::check_distinct_listeners(&listeners, &mut errors);
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError(errors))
-        }
+        p.positive("--tcp-idle-timeout", self.tcp_idle_timeout);
+        p.distinct_listeners(&self.listeners.named());
+        p.finish()
     }
 
     /// What the answer table is built with.
@@ -243,27 +177,20 @@ impl Config {
 
     /// A config for tests reading this directory: everything on 127.0.0.1 port 0, fast polling.
     pub fn for_tests(config_dir: PathBuf) -> Config {
-        let mut c = Config::for_tests_without_source();
-        c.config_dir = Some(config_dir);
-        c
+        Config::for_tests_with(SourceFlags::dir_for_tests(config_dir))
     }
 
     /// A config for tests reading the Kubernetes API through this kubeconfig.
     pub fn for_tests_with_kubeconfig(kubeconfig: PathBuf) -> Config {
-        let mut c = Config::for_tests_without_source();
-        c.kubeconfig = Some(kubeconfig);
-        c
+        Config::for_tests_with(SourceFlags::kubeconfig_for_tests(kubeconfig))
     }
 
-    fn for_tests_without_source() -> Config {
+    fn for_tests_with(source: SourceFlags) -> Config {
         let mut c = Config::parse_from(["dns"]);
-        c.config_poll = Duration::from_millis(50);
-        let local = SocketAddr::from(([127, 0, 0, 1], 0));
-        c.listen = local;
-        c.status_listen = local;
-        c.metrics_listen = local;
-        c.admin_listen = local;
-        c.drain_duration = Duration::ZERO;
+        c.source = source;
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.listeners = ListenFlags::for_tests();
+        c.lifecycle = LifecycleFlags::for_tests();
         c
     }
 }
@@ -283,20 +210,6 @@ pub fn normalize_zone(zone: &str) -> Option<String> {
                 && b[b.len() - 1] != b'-'
         });
     ok.then_some(z)
-}
-
-fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
-}
-
-fn display_opt<S: serde::Serializer, T: std::fmt::Display>(
-    v: &Option<T>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(v) => s.collect_str(v),
-        None => s.serialize_none(),
-    }
 }
 
 #[cfg(test)]
@@ -340,8 +253,8 @@ mod tests {
     fn without_a_config_dir_the_kubernetes_api_is_read() {
         // No flags at all: in-cluster credentials (or KUBECONFIG), every namespace.
         let c = Config::parse_from(["dns"]);
-        assert!(c.config_dir.is_none() && c.kubeconfig.is_none());
-        assert!(c.watch_namespaces.is_empty());
+        assert!(c.source.config_dir.is_none() && c.source.kubeconfig.is_none());
+        assert!(c.source.watch_namespaces.is_empty());
         assert_eq!(c.cluster_id, "cluster-1");
         c.validate().unwrap();
 
@@ -359,7 +272,7 @@ mod tests {
             "--cluster-id",
             "east",
         ]);
-        assert_eq!(c.watch_namespaces, ["bar", "foo", "baz"]);
+        assert_eq!(c.source.watch_namespaces, ["bar", "foo", "baz"]);
         c.validate().unwrap();
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(
@@ -373,7 +286,7 @@ mod tests {
     fn kubernetes_flags_conflict_with_a_config_dir() {
         let d = tempfile::tempdir().unwrap();
         let mut c = Config::for_tests(d.path().to_path_buf());
-        c.watch_namespaces = vec!["bar".into()];
+        c.source.watch_namespaces = vec!["bar".into()];
         let e = c.validate().unwrap_err();
         assert_eq!(e.0.len(), 1, "{e}");
         assert!(
@@ -402,10 +315,10 @@ mod tests {
             "--ttl",
             "0",
         ]);
-        c.metrics_listen = c.status_listen;
+        c.listeners.metrics_listen = c.listeners.status_listen;
         c.max_udp_payload = 100;
-        c.watch_namespaces = vec!["Not_A_Namespace".into()];
-        c.kubeconfig = Some(PathBuf::from("/nonexistent/kubeconfig"));
+        c.source.watch_namespaces = vec!["Not_A_Namespace".into()];
+        c.source.kubeconfig = Some(PathBuf::from("/nonexistent/kubeconfig"));
         let e = c.validate().unwrap_err();
         let text = e.to_string();
         assert_eq!(e.0.len(), 9, "{text}");

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::answers::Answers;
 use crate::metrics::Metrics;
 use crate::respond::{
     self, Malformed, Reply, form_error, qtype_index, qtype_label, rcode_index, rcode_label,
@@ -47,33 +48,33 @@ const UDP: usize = 0;
 /// Answers queries from the current table. Cheap to clone.
 #[derive(Clone)]
 pub struct Handler {
-    table: watch::Receiver<Arc<Table>>,
+    answers: watch::Receiver<Arc<Answers>>,
     metrics: Arc<Metrics>,
     max_udp_payload: u16,
 }
 
 impl Handler {
     pub fn new(
-        table: watch::Receiver<Arc<Table>>,
+        answers: watch::Receiver<Arc<Answers>>,
         metrics: Arc<Metrics>,
         max_udp_payload: u16,
     ) -> Handler {
         Handler {
-            table,
+            answers,
             metrics,
             max_udp_payload,
         }
     }
 
-    /// The table answers come from right now.
-    pub fn table(&self) -> Arc<Table> {
-        self.table.borrow().clone()
+    /// What answers come from right now.
+    pub fn answers(&self) -> Arc<Answers> {
+        self.answers.borrow().clone()
     }
 
     /// One datagram in, at most one out. Never panics, whatever the bytes.
     pub fn handle_datagram(&self, raw: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        self.answer_datagram(&self.table(), raw, src, &mut out)
+        self.answer_datagram(&self.answers(), raw, src, &mut out)
             .then_some(out)
     }
 
@@ -81,20 +82,20 @@ impl Handler {
     /// ([`crate::wire`]) when it can, else hickory's.
     pub fn answer_datagram(
         &self,
-        table: &Table,
+        answers: &Answers,
         raw: &[u8],
         src: SocketAddr,
         out: &mut Vec<u8>,
     ) -> bool {
         let start = Instant::now();
-        if let Some(done) = wire::answer(table.wire(), raw, self.max_udp_payload, out) {
+        if let Some(done) = wire::answer(&answers.prebuilt, raw, self.max_udp_payload, out) {
             let qtype = qtype_index(Some(RecordType::from(done.qtype)));
             let rcode = rcode_index(done.rcode);
             self.metrics
                 .observe_indexed(qtype, rcode, UDP, start.elapsed());
             return true;
         }
-        match self.hickory_message(table, raw, src, Protocol::Udp, start) {
+        match self.hickory_message(&answers.table, raw, src, Protocol::Udp, start) {
             Some(reply) => {
                 *out = reply;
                 true
@@ -106,12 +107,24 @@ impl Handler {
     /// The reply through hickory's decoder and encoder only: the reference the fast path is
     /// tested against.
     pub fn hickory_reply(&self, raw: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
-        self.hickory_message(&self.table(), raw, src, Protocol::Udp, Instant::now())
+        self.hickory_message(
+            &self.answers().table,
+            raw,
+            src,
+            Protocol::Udp,
+            Instant::now(),
+        )
     }
 
     /// One TCP message (without its length prefix) in, at most one out. Never panics.
     pub fn answer_message(&self, raw: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
-        self.hickory_message(&self.table(), raw, src, Protocol::Tcp, Instant::now())
+        self.hickory_message(
+            &self.answers().table,
+            raw,
+            src,
+            Protocol::Tcp,
+            Instant::now(),
+        )
     }
 
     /// Decode with hickory, decide, encode: within the client's size over UDP (TC when it does
@@ -254,17 +267,17 @@ pub async fn serve_udp(socket: std::net::UdpSocket, handler: Handler, stop: Canc
                 continue;
             }
         }
-        let table = handler.table();
+        let answers = handler.answers();
         batch.answer_each(|datagram, src, reply| match src {
             Some(src) if src.port() != 0 && !src.ip().is_unspecified() => {
-                handler.answer_datagram(&table, datagram, src, reply)
+                handler.answer_datagram(&answers, datagram, src, reply)
             }
             _ => {
                 handler.metrics.malformed("bad_source");
                 false
             }
         });
-        drop(table);
+        drop(answers);
         send_replies(fd, &mut batch).await;
     }
 }
@@ -323,8 +336,8 @@ mod tests {
             vip_v4: None,
             vip_v6: None,
         };
-        let table = Table::build(&snapshot_from_yaml(yaml), &options);
-        let (_, rx) = watch::channel(Arc::new(table));
+        let answers = Answers::build(&snapshot_from_yaml(yaml), &options);
+        let (_, rx) = watch::channel(Arc::new(answers));
         let mut registry = prometheus_client::registry::Registry::default();
         Handler::new(rx, Arc::new(Metrics::new(&mut registry)), 1232)
     }

@@ -27,8 +27,6 @@ use registry::Cidr;
 use registry::snapshot::{ServiceEntryInfo, Snapshot};
 use serde::Serialize;
 
-use crate::wire::Prebuilt;
-
 /// What a table is built with (from [`crate::Config::table_options`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct TableOptions {
@@ -56,8 +54,6 @@ pub struct Table {
     pub notes: Vec<String>,
     /// ServiceEntries that contributed at least one name.
     pub entries_served: usize,
-    /// Every reply to a plain query, in wire form: built last, from the rest.
-    wire: Prebuilt,
 }
 
 /// One served zone: its apex records.
@@ -224,7 +220,6 @@ impl Table {
         }
         table.entries_served = served.len();
         table.add_empty_non_terminals();
-        table.wire = Prebuilt::build(&table);
         table
     }
 
@@ -406,11 +401,6 @@ impl Table {
     /// The names wildcards answer below (`foo.global.` for `*.foo.global`).
     pub fn wildcard_parents(&self) -> impl Iterator<Item = &LowerName> {
         self.wildcards.keys()
-    }
-
-    /// The replies of the fast path ([`crate::wire`]), prepared with the table.
-    pub fn wire(&self) -> &Prebuilt {
-        &self.wire
     }
 
     /// Every name the table answers for (hosts and SRV names; wildcards as `*.x`), sorted.

@@ -43,7 +43,9 @@ fn service_entry(namespace: &str, name: &str, host: &str, addresses: &[&str]) ->
 
 async fn start(fake: &FakeApiServer, dir: &tempfile::TempDir, namespaces: &[&str]) -> Dns {
     let mut config = Config::for_tests_with_kubeconfig(fake.write_kubeconfig(dir.path()));
-    config.watch_namespaces = namespaces.iter().map(|s| s.to_string()).collect();
+    config.source.watch_namespaces = namespaces.iter().map(|s| s.to_string()).collect();
+    // A drain long enough that answers go on for the rest of a test that begins termination.
+    config.lifecycle.drain_duration = Duration::from_secs(60);
     tokio::time::timeout(STEP, Dns::start(config))
         .await
         .expect("dns did not start in time")
@@ -263,7 +265,7 @@ async fn not_ready_until_the_first_full_list() {
     assert_eq!(addrs(&dns, HTTPBIN).await, ["240.0.0.2"]);
 
     // Draining: 503 and it stays so, answers continue until shutdown.
-    dns.begin_drain();
+    dns.begin_termination();
     assert_eq!(http_get(dns.status_addr, "/healthz/ready").await.0, 503);
     assert_eq!(addrs(&dns, HTTPBIN).await, ["240.0.0.2"]);
     dns.shutdown().await;

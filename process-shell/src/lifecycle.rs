@@ -33,6 +33,8 @@ pub struct Work {
 /// A running lifecycle: [`Lifecycle::begin`] is SIGTERM.
 pub struct Lifecycle {
     terminate: CancellationToken,
+    /// Cancelled to skip what is left of the drain and the deadline (tests, a second signal).
+    now: CancellationToken,
     done: JoinHandle<()>,
 }
 
@@ -51,17 +53,22 @@ impl Lifecycle {
         A: Future<Output = ()> + Send + 'static,
     {
         let terminate = CancellationToken::new();
+        let now = CancellationToken::new();
         let (drain, deadline) = (flags.drain_duration, flags.termination_deadline);
         let done = tokio::spawn({
-            let terminate = terminate.clone();
+            let (terminate, now) = (terminate.clone(), now.clone());
             async move {
                 terminate.cancelled().await;
-                terminate_work(binary, &readiness, drain, deadline, &work).await;
+                terminate_work(binary, &readiness, drain, deadline, &work, &now).await;
                 after.await;
                 info!("{binary} stopped");
             }
         });
-        Lifecycle { terminate, done }
+        Lifecycle {
+            terminate,
+            now,
+            done,
+        }
     }
 
     /// Start terminating, as SIGTERM does.
@@ -77,6 +84,13 @@ impl Lifecycle {
     pub async fn wait(self) {
         let _ = self.done.await;
     }
+
+    /// Terminate at once: no drain, no deadline (in-flight work is ended), then wait.
+    pub async fn stop_now(self) {
+        self.now.cancel();
+        self.terminate.cancel();
+        self.wait().await;
+    }
 }
 
 async fn terminate_work(
@@ -85,13 +99,17 @@ async fn terminate_work(
     drain: Duration,
     deadline: Duration,
     work: &Work,
+    now: &CancellationToken,
 ) {
     readiness.begin_drain();
     info!(
         ?drain,
         "{binary} terminating: readiness is now 503; still serving while load balancers move away"
     );
-    tokio::time::sleep(drain).await;
+    tokio::select! {
+        _ = tokio::time::sleep(drain) => {}
+        _ = now.cancelled() => {}
+    }
     work.stop_accepting.cancel();
     work.in_flight.close();
     info!(
@@ -99,10 +117,11 @@ async fn terminate_work(
         ?deadline,
         "{binary} stopped accepting; waiting for in-flight work"
     );
-    if tokio::time::timeout(deadline, work.in_flight.wait())
-        .await
-        .is_err()
-    {
+    let finished = tokio::select! {
+        r = tokio::time::timeout(deadline, work.in_flight.wait()) => r.is_ok(),
+        _ = now.cancelled() => work.in_flight.is_empty(),
+    };
+    if !finished {
         warn!(
             in_flight = work.in_flight.len(),
             "termination deadline passed; ending what is still in flight"

@@ -19,7 +19,8 @@ pub use registry::source::kube::SecretSelector;
 pub enum SourceError {
     #[error(transparent)]
     Dir(#[from] DirError),
-    #[error("cannot start the Kubernetes API source (used without --config-dir): {0}")]
+    /// The cause follows in the error's source chain (as `anyhow` prints it).
+    #[error("cannot start the Kubernetes API source (used without --config-dir)")]
     Kube(#[from] KubeError),
 }
 

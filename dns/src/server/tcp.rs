@@ -7,16 +7,17 @@
 //! unseen by its handler).
 //!
 //! A connection closes when the client does, when no message starts within the idle timeout
-//! (nor completes within it once started), or at shutdown, between two messages.
+//! (nor completes within it once started), once the server stops accepting (between two
+//! messages), or at the termination deadline (wherever it is).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use process_shell::Work;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::Handler;
@@ -24,17 +25,12 @@ use super::Handler;
 /// After a failed `accept` (out of descriptors, say): wait before the next, not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
-/// Accept connections until `stop`; each runs on `connections`, which the caller waits for.
-pub async fn serve_tcp(
-    listener: TcpListener,
-    handler: Handler,
-    idle: Duration,
-    stop: CancellationToken,
-    connections: TaskTracker,
-) {
+/// Accept connections until `work.stop_accepting`; each runs on `work.in_flight`, which the
+/// lifecycle waits for until the deadline, then ends with `work.force`.
+pub async fn serve_tcp(listener: TcpListener, handler: Handler, idle: Duration, work: Work) {
     loop {
         let (stream, src) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = work.stop_accepting.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -44,7 +40,14 @@ pub async fn serve_tcp(
                 }
             },
         };
-        connections.spawn(connection(stream, src, handler.clone(), idle, stop.clone()));
+        let (stop, force) = (work.stop_accepting.clone(), work.force.clone());
+        let handler = handler.clone();
+        work.in_flight.spawn(async move {
+            tokio::select! {
+                _ = force.cancelled() => debug!(%src, "TCP connection ended at the termination deadline"),
+                _ = connection(stream, src, handler, idle, stop) => {}
+            }
+        });
     }
 }
 

@@ -11,13 +11,14 @@ use registry::source::dir::snapshot_from_yaml;
 use tokio::sync::watch;
 
 use super::*;
+use crate::answers::Answers;
 use crate::metrics::Metrics;
 use crate::server::Handler;
 use crate::table::TableOptions;
 
 const MAX_UDP: u16 = 1232;
 
-fn table() -> Table {
+fn table() -> Answers {
     let many: Vec<String> = (0..60).map(|i| format!("10.1.0.{}", i + 1)).collect();
     let yaml = format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: h, namespace: \
@@ -34,10 +35,10 @@ fn table() -> Table {
         vip_v4: None,
         vip_v6: None,
     };
-    Table::build(&snapshot_from_yaml(&yaml), &options)
+    Answers::build(&snapshot_from_yaml(&yaml), &options)
 }
 
-fn handler(table: Table) -> Handler {
+fn handler(table: Answers) -> Handler {
     let (_, rx) = watch::channel(Arc::new(table));
     let mut registry = prometheus_client::registry::Registry::default();
     Handler::new(rx, Arc::new(Metrics::new(&mut registry)), MAX_UDP)
@@ -162,7 +163,7 @@ const DRESSES: &[Dress] = &[
 #[test]
 fn fast_replies_are_the_hickory_replies_byte_for_byte() {
     let h = handler(table());
-    let table = h.table();
+    let table = h.answers();
     let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
     let mut out = Vec::new();
     let (mut fast, mut slow) = (0, 0);
@@ -173,7 +174,7 @@ fn fast_replies_are_the_hickory_replies_byte_for_byte() {
                 let raw = query(id, name, qtype, dress);
                 let reference = h.hickory_reply(&raw, src).expect("a reply");
                 let case = format!("{name} {qtype} {dress:?}");
-                match answer(table.wire(), &raw, MAX_UDP, &mut out) {
+                match answer(&table.prebuilt, &raw, MAX_UDP, &mut out) {
                     Some(done) => {
                         fast += 1;
                         assert_eq!(out, reference, "{case}");
@@ -211,19 +212,19 @@ fn other_classes_versions_and_options_take_the_hickory_path() {
         RecordType::A,
     ));
     chaos.queries[0].query_class = DNSClass::CH;
-    assert!(answer(t.wire(), &chaos.to_vec().unwrap(), MAX_UDP, &mut out).is_none());
+    assert!(answer(&t.prebuilt, &chaos.to_vec().unwrap(), MAX_UDP, &mut out).is_none());
 
     let mut raw = query(1, "httpbin.bar.global.", RecordType::A, Dress::Edns(1232));
-    assert!(answer(t.wire(), &raw, MAX_UDP, &mut out).is_some());
+    assert!(answer(&t.prebuilt, &raw, MAX_UDP, &mut out).is_some());
     let version = raw.len() - 11 + 6;
     raw[version] = 1; // EDNS version 1: BADVERS, from the hickory path
-    assert!(answer(t.wire(), &raw, MAX_UDP, &mut out).is_none());
+    assert!(answer(&t.prebuilt, &raw, MAX_UDP, &mut out).is_none());
     raw[version] = 0;
     // An option (a cookie): left to hickory, which parses options.
     let rdlength = raw.len() - 1;
     raw[rdlength] = 12;
     raw.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
-    assert!(answer(t.wire(), &raw, MAX_UDP, &mut out).is_none());
+    assert!(answer(&t.prebuilt, &raw, MAX_UDP, &mut out).is_none());
 }
 
 fn plain(raw: &[u8]) -> Option<PlainQuery<'_>> {
@@ -318,7 +319,7 @@ fn parse_never_panics_on_mutations() {
         if let Some(q) = parse_query(&packet) {
             assert!(q.head.len() <= packet.len());
         }
-        if answer(t.wire(), &packet, MAX_UDP, &mut out).is_some() {
+        if answer(&t.prebuilt, &packet, MAX_UDP, &mut out).is_some() {
             assert!(out.len() <= usize::from(MAX_UDP));
             assert_eq!(out[..2], packet[..2]);
         }
@@ -336,7 +337,7 @@ fn nxdomain_sections_exist_for_every_length_below_a_zone() {
     }
     assert_eq!(name_of_length(&apex, apex.len() + 1), None);
     assert!(
-        t.wire()
+        &t.prebuilt
             .zones
             .iter()
             .all(|z| z.nxdomain.len() == MAX_NAME_LEN + 1)
@@ -347,7 +348,7 @@ fn nxdomain_sections_exist_for_every_length_below_a_zone() {
 #[test]
 fn names_of_every_length_match_the_hickory_path() {
     let h = handler(table());
-    let table = h.table();
+    let table = h.answers();
     let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
     let apex = lower_wire(&LowerName::from(Name::from_str("global.").unwrap()));
     let mut out = Vec::new();
@@ -359,7 +360,7 @@ fn names_of_every_length_match_the_hickory_path() {
         raw.extend_from_slice(&name);
         raw.extend_from_slice(&[0, 1, 0, 1]);
         let reference = h.hickory_reply(&raw, src);
-        match answer(table.wire(), &raw, MAX_UDP, &mut out) {
+        match answer(&table.prebuilt, &raw, MAX_UDP, &mut out) {
             Some(_) => assert_eq!(Some(out.clone()), reference, "name of {len} bytes"),
             None => assert!(len > MAX_NAME_LEN, "name of {len} bytes left to hickory"),
         }
@@ -373,7 +374,7 @@ fn identical_sections_are_shared() {
     let name = lower_wire(&LowerName::from(
         Name::from_str("httpbin.bar.global.").unwrap(),
     ));
-    let replies = &t.wire().names[&name];
+    let replies = &t.prebuilt.names[&name];
     let (soa, ns, other) = (&replies[3], &replies[4], &replies[6]);
     assert!(Arc::ptr_eq(soa.as_ref().unwrap(), other.as_ref().unwrap()));
     assert!(Arc::ptr_eq(ns.as_ref().unwrap(), other.as_ref().unwrap()));
