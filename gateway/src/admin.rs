@@ -14,9 +14,10 @@ use registry::{ServiceName, SnapshotHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::alert::AlertDescription;
 use crate::balance::Backend;
 use crate::config::Config;
-use crate::hello::{AlertDescription, ClientHello};
+use crate::hello::ClientHello;
 use crate::route::{HostRoutes, RouteTable};
 
 #[derive(Clone)]

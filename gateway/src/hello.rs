@@ -236,23 +236,6 @@ fn alpn(data: &[u8]) -> Result<Vec<String>, HelloError> {
         .collect())
 }
 
-/// A fatal TLS alert record (TLS 1.2 record version, as TLS 1.3 peers also expect before
-/// the handshake completes).
-pub fn alert_record(description: AlertDescription) -> [u8; 7] {
-    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description as u8]
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertDescription {
-    HandshakeFailure = 40,
-    AccessDenied = 49,
-    DecodeError = 50,
-    InternalError = 80,
-    NoApplicationProtocol = 120,
-    UnrecognizedName = 112,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

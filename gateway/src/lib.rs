@@ -19,6 +19,7 @@
 //! built from exported services and their ready endpoints.
 
 pub mod admin;
+pub mod alert;
 pub mod app;
 pub mod balance;
 pub mod clock;

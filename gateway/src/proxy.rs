@@ -12,9 +12,10 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
+use crate::alert::{self, AlertDescription};
 use crate::balance::{self, Backend, Ejection};
 use crate::clock;
-use crate::hello::{self, AlertDescription, ClientHello, HelloError, Parsed};
+use crate::hello::{self, ClientHello, HelloError, Parsed};
 use crate::metrics::Metrics;
 use crate::route::{Route, RouteTable};
 use crate::splice::{self, Ended, Transfer};
@@ -210,7 +211,7 @@ impl Proxy {
             debug!(reason = failure.reason(), "refused: {failure}");
         }
         if let Some(alert) = failure.alert() {
-            let record = hello::alert_record(alert);
+            let record = alert::alert_record(alert);
             let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&record)).await;
         }
     }

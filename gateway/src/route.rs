@@ -17,8 +17,9 @@ use registry::snapshot::{Labels, ServiceInfo, ServicePort};
 use registry::{ServiceName, Snapshot};
 use serde::Serialize;
 
+use crate::alert::AlertDescription;
 use crate::balance::{Backend, EndpointState};
-use crate::hello::{AlertDescription, ClientHello};
+use crate::hello::ClientHello;
 
 /// What the table needs to know beyond the snapshot (from the gateway's flags).
 #[derive(Clone, Debug, Serialize)]
