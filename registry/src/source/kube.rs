@@ -1,11 +1,12 @@
 //! The Kubernetes API source: the same snapshot as the directory source, from list/watch.
 //!
 //! ```text
-//!  one task per (kind, namespace)       watch::run: list -> swap store; watch -> apply events;
-//!   Service, EndpointSlice,               410 Gone -> re-list (swapped in whole); errors ->
-//!   Pod (metadata only), Secret,          backoff with jitter, last store keeps serving
-//!   ServiceEntry, DestinationRule,       (custom kinds: discovery first; a missing CRD is
-//!   ServiceExport                         reported once, counted as synced-empty, re-checked)
+//!  one task per (kind, namespace)     watch::run over kube::runtime::watcher: list in pages
+//!   Service, EndpointSlice,             of 500 -> swap store; watch -> apply events; 410 Gone
+//!   Pod (metadata only), Secret,        -> re-list (swapped in whole); errors -> backoff with
+//!   ServiceEntry, DestinationRule,      jitter, last store keeps serving (custom kinds:
+//!   ServiceExport                       discovery first; a missing CRD is reported once,
+//!                                       counted as synced-empty, re-checked)
 //!            |  objects trimmed and converted in the task, outside any lock
 //!            v  Notify
 //!  aggregator: debounce -> once every watch has synced, Snapshot::build -> SnapshotWriter
@@ -27,7 +28,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, DynamicObject, PartialObjectMeta};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -37,7 +38,7 @@ use tracing::{info, warn};
 
 pub use self::metrics::Metrics;
 pub use self::watch::LIST_PAGE;
-use self::watch::{Exit, Full, MetadataOnly, Shared, Timing};
+use self::watch::{Exit, Shared, Timing};
 use super::{SnapshotHandle, SnapshotWriter};
 use crate::objects::Kind;
 use crate::snapshot::{Snapshot, SourceStatus};
@@ -330,25 +331,26 @@ async fn watch_kind(
                 Kind::Service => {
                     let api: Api<Service> = scoped(client, &ns);
                     let conv = |s| Ok(convert::service(s));
-                    watch::run(Full(api), conv, &shared, timing, false, &stop).await;
+                    watch::run(api, conv, &shared, timing, false, &stop).await;
                 }
                 Kind::EndpointSlice => {
                     let api: Api<EndpointSlice> = scoped(client, &ns);
                     let conv = |s| Ok(convert::endpoint_slice(s));
-                    watch::run(Full(api), conv, &shared, timing, false, &stop).await;
+                    watch::run(api, conv, &shared, timing, false, &stop).await;
                 }
                 _ => {
                     let api: Api<Secret> = scoped(client, &ns);
                     let conv = |s| Ok(convert::secret(s));
-                    watch::run(Full(api), conv, &shared, timing, false, &stop).await;
+                    watch::run(api, conv, &shared, timing, false, &stop).await;
                 }
             }
         }
         convert::Served::MetadataOnly => {
             shared.set_api_version("v1");
-            let api: Api<Pod> = scoped(client, &ns);
+            // `Api<PartialObjectMeta<_>>` lists and watches metadata-only.
+            let api: Api<PartialObjectMeta<Pod>> = scoped(client, &ns);
             let conv = |p| Ok(convert::pod(p));
-            watch::run(MetadataOnly(api), conv, &shared, timing, false, &stop).await;
+            watch::run(api, conv, &shared, timing, false, &stop).await;
         }
         convert::Served::Custom {
             group,
@@ -377,7 +379,7 @@ async fn watch_kind(
                             None => Api::all_with(client.clone(), &resource),
                         };
                         let conv = |o| convert::custom(o, &resource);
-                        match watch::run(Full(api), conv, &shared, timing, true, &stop).await {
+                        match watch::run(api, conv, &shared, timing, true, &stop).await {
                             Exit::Stopped => return,
                             Exit::NotFound => continue,
                         }

@@ -1,84 +1,41 @@
 //! One watch: a kind in a namespace (or all), kept as a store of trimmed objects.
 //!
-//! The loop is the reflector protocol, written out so every state is visible:
-//! list in pages of [`LIST_PAGE`] (the store is swapped whole, under a short lock, only once the list is complete and
-//! converted), then watch from the list's `resourceVersion` with bookmarks, apply each event,
-//! resume from the last seen version when the stream ends, re-list on `410 Gone`, and back off
-//! with jitter on errors while the last store keeps serving.
+//! The list/watch protocol is `kube::runtime::watcher`'s: lists in pages of [`LIST_PAGE`]
+//! (an expired continue token starts the list over), a watch from the list's
+//! `resourceVersion` with bookmarks, resumed from the last seen version when the stream ends,
+//! a fresh list on `410 Gone`. Pods come through `Api<PartialObjectMeta<Pod>>`, which the
+//! watcher lists and watches metadata-only. Around that stream this module keeps what the
+//! source promises:
+//!
+//! - the store is swapped whole, under a short lock, only once a list is complete and
+//!   converted (`Init` .. `InitDone`); each object is converted as it arrives, so only one page
+//!   of raw objects is held;
+//! - errors back off with jitter (the stream is not polled meanwhile) while the last store
+//!   keeps serving, and mark the watch stale from the first of a streak;
+//! - a watch the watcher resumed quietly (no event yet) is proven back by a one-object list,
+//!   since the watcher reports nothing on a successful reconnect;
+//! - a 404 on list ends the watch with [`Exit::NotFound`] when the kind is a CRD that can go
+//!   away.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
+use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, ObjectList, PartialObjectMeta, WatchEvent, WatchParams};
+use kube::api::{Api, ListParams};
 use kube::core::Resource;
+use kube::runtime::watcher::{self, Event};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::metrics::{EventLabels, Metrics, WatchLabels};
 use crate::objects::{Kind, Object};
 use crate::snapshot::WatchStatus;
-
-/// A list and a watch of one resource, typed or not.
-pub trait ListWatch: Send + Sync + 'static {
-    type Item: Resource + Clone + Send + 'static;
-    fn list(
-        &self,
-        lp: &ListParams,
-    ) -> impl Future<Output = kube::Result<ObjectList<Self::Item>>> + Send;
-    fn watch(
-        &self,
-        wp: &WatchParams,
-        version: &str,
-    ) -> impl Future<Output = kube::Result<BoxStream<'static, kube::Result<WatchEvent<Self::Item>>>>>
-    + Send;
-}
-
-/// Whole objects.
-pub struct Full<K>(pub Api<K>);
-
-impl<K> ListWatch for Full<K>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    type Item = K;
-    async fn list(&self, lp: &ListParams) -> kube::Result<ObjectList<K>> {
-        self.0.list(lp).await
-    }
-    async fn watch(
-        &self,
-        wp: &WatchParams,
-        version: &str,
-    ) -> kube::Result<BoxStream<'static, kube::Result<WatchEvent<K>>>> {
-        Ok(self.0.watch(wp, version).await?.boxed())
-    }
-}
-
-/// Metadata only (`PartialObjectMetadata`): labels without the spec and status.
-pub struct MetadataOnly<K>(pub Api<K>);
-
-impl<K> ListWatch for MetadataOnly<K>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    type Item = PartialObjectMeta<K>;
-    async fn list(&self, lp: &ListParams) -> kube::Result<ObjectList<PartialObjectMeta<K>>> {
-        self.0.list_metadata(lp).await
-    }
-    async fn watch(
-        &self,
-        wp: &WatchParams,
-        version: &str,
-    ) -> kube::Result<BoxStream<'static, kube::Result<WatchEvent<PartialObjectMeta<K>>>>> {
-        Ok(self.0.watch_metadata(wp, version).await?.boxed())
-    }
-}
 
 type Key = (String, String);
 
@@ -139,6 +96,14 @@ impl Shared {
 
     pub fn synced(&self) -> bool {
         self.status.lock().expect("status lock").synced
+    }
+
+    fn stale(&self) -> bool {
+        self.status
+            .lock()
+            .expect("status lock")
+            .stale_since
+            .is_some()
     }
 
     fn update(&self, f: impl FnOnce(&mut WatchStatus)) {
@@ -312,7 +277,8 @@ impl Shared {
 pub struct Timing {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// `timeoutSeconds` of each watch request; a stream silent for this plus 30 s is dead.
+    /// `timeoutSeconds` of each watch request; the watcher counts a stream silent for this
+    /// plus 5 s as dead and reconnects.
     pub watch_timeout: Duration,
 }
 
@@ -388,6 +354,48 @@ fn key_of<T: Resource>(item: &T) -> Key {
     )
 }
 
+/// What to tell an operator about a failed watcher step.
+pub fn describe_watcher(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(e) => format!("list: {}", describe(e)),
+        watcher::Error::WatchStartFailed(e) => format!("watch: {}", describe(e)),
+        watcher::Error::WatchFailed(e) => format!("watch stream: {}", describe(e)),
+        watcher::Error::WatchError(s) if s.code == 401 || s.code == 403 => format!(
+            "watch error: {} ({}): the API server refused; does the service account have list/watch on this kind (deploy/rbac)?",
+            s.message, s.code
+        ),
+        watcher::Error::WatchError(s) => format!("watch error: {} ({})", s.message, s.code),
+        watcher::Error::NoResourceVersion => {
+            "the API server sent no resourceVersion; does this resource support watch?".into()
+        }
+    }
+}
+
+/// What a watcher error means for the loop.
+#[derive(Debug, PartialEq, Eq)]
+enum Recovery {
+    /// `410 Gone` during a watch, or an expired list continue token: the watcher lists again
+    /// from the start at once. Not an outage.
+    Relist,
+    /// `410 Gone` on starting a watch (an HTTP status rather than an event): the watcher would
+    /// retry the same version forever, so start a new one, which lists.
+    Restart,
+    /// A 404 on list: the resource is not served (its CRD went away).
+    NotFound,
+    /// Anything else: report, back off, let the watcher retry.
+    Retry,
+}
+
+fn recovery(e: &watcher::Error) -> Recovery {
+    match e {
+        watcher::Error::WatchError(s) if s.code == 410 => Recovery::Relist,
+        watcher::Error::InitialListFailed(e) if is_status(e, 410) => Recovery::Relist,
+        watcher::Error::InitialListFailed(e) if is_status(e, 404) => Recovery::NotFound,
+        watcher::Error::WatchStartFailed(e) if is_status(e, 410) => Recovery::Restart,
+        _ => Recovery::Retry,
+    }
+}
+
 /// Sleep unless stopped first; `false` when stopped.
 async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
@@ -396,168 +404,145 @@ async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-/// Objects per list page.
+/// Objects per list page, as client-go's reflector: the API server never builds one huge
+/// response.
 pub const LIST_PAGE: u32 = 500;
+
+/// The objects of a list in progress, converted as they arrive.
+#[derive(Default)]
+struct Listing {
+    objects: HashMap<Key, Arc<Object>>,
+    errors: BTreeMap<Key, String>,
+}
 
 /// List, then watch, until `stop`. With `not_found_exits`, a 404 on list returns
 /// [`Exit::NotFound`] (a CRD that went away) instead of being retried.
-pub async fn run<L: ListWatch>(
-    lw: L,
-    convert: impl Fn(L::Item) -> Result<Object, String> + Send,
+pub async fn run<K>(
+    api: Api<K>,
+    convert: impl Fn(K) -> Result<Object, String> + Send,
     shared: &Shared,
     timing: Timing,
     not_found_exits: bool,
     stop: &CancellationToken,
-) -> Exit {
-    let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
-    // Pages of 500, as client-go's reflector: the API server never builds one huge response.
-    let mut lp = ListParams::default().limit(LIST_PAGE);
-    let mut wp = WatchParams::default().timeout(timing.watch_timeout.as_secs().max(1) as u32);
+) -> Exit
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let mut config = watcher::Config::default()
+        .page_size(LIST_PAGE)
+        .timeout(timing.watch_timeout.as_secs().max(1) as u32);
+    let mut probe_params = ListParams::default().limit(1);
     if let Some(sel) = &shared.label_selector {
-        lp = lp.labels(sel);
-        wp = wp.labels(sel);
+        config = config.labels(sel);
+        probe_params = probe_params.labels(sel);
     }
-    let idle = timing.watch_timeout + Duration::from_secs(30);
+    let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
+    let mut probe_backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
+    let mut stream = watcher::watcher(api.clone(), config.clone()).boxed();
+    let mut listing = Listing::default();
     let mut listed_before = false;
-    'relist: loop {
-        // Page through the list (the server serves every page from the snapshot of the
-        // first), converting each page as it arrives so only one page of raw objects is
-        // held. Convert the whole list before touching the store: readers see the old list
-        // or the new one, never a mix.
-        let mut objects = HashMap::new();
-        let mut errors = BTreeMap::new();
-        let mut page = lp.clone();
-        let version = loop {
-            let list = tokio::select! {
-                _ = stop.cancelled() => return Exit::Stopped,
-                r = lw.list(&page) => r,
-            };
-            let list = match list {
-                Ok(l) => l,
-                Err(e) if not_found_exits && is_status(&e, 404) => return Exit::NotFound,
-                Err(e) if page.continue_token.is_some() && is_status(&e, 410) => {
-                    info!(
-                        kind = shared.kind.as_str(),
-                        "list continue token expired (410 Gone); listing again from the start"
-                    );
-                    continue 'relist;
+    // When set and the watch is stale: when to check that the API server answers again.
+    let mut probe_at: Option<Instant> = None;
+    loop {
+        let due = probe_at.filter(|_| shared.stale());
+        let probe = async {
+            match due {
+                Some(at) => {
+                    tokio::time::sleep_until(at).await;
+                    api.list(&probe_params).await
                 }
-                Err(e) => {
-                    shared.error(describe(&e));
-                    if !pause(stop, backoff.next_delay()).await {
-                        return Exit::Stopped;
+                _ => std::future::pending().await,
+            }
+        };
+        let next = tokio::select! {
+            _ = stop.cancelled() => return Exit::Stopped,
+            r = probe => {
+                match r {
+                    Ok(_) => {
+                        shared.reached();
+                        probe_backoff.reset();
+                        probe_at = None;
                     }
-                    continue 'relist;
+                    Err(e) => {
+                        debug!(kind = shared.kind.as_str(), error = %describe(&e), "still unreachable");
+                        probe_at = Some(Instant::now() + probe_backoff.next_delay());
+                    }
                 }
-            };
-            for item in list.items {
+                continue;
+            }
+            next = stream.next() => next,
+        };
+        // The watcher's stream never ends; if it did, start over.
+        let Some(next) = next else {
+            stream = watcher::watcher(api.clone(), config.clone()).boxed();
+            continue;
+        };
+        match next {
+            Ok(Event::Init) => listing = Listing::default(),
+            Ok(Event::InitApply(item)) => {
                 let key = key_of(&item);
                 match convert(item) {
                     Ok(o) => {
-                        objects.insert(key, Arc::new(o));
+                        listing.objects.insert(key, Arc::new(o));
                     }
                     Err(reason) => {
                         warn!(kind = shared.kind.as_str(), namespace = %key.0, name = %key.1, %reason,
                               "object rejected; the others are still used");
-                        errors.insert(key, reason);
+                        listing.errors.insert(key, reason);
                     }
                 }
             }
-            match list.metadata.continue_.filter(|t| !t.is_empty()) {
-                Some(token) => page = lp.clone().continue_token(&token),
-                None => break list.metadata.resource_version.unwrap_or_default(),
-            }
-        };
-        shared.reached();
-        if listed_before {
-            shared.relisted();
-        }
-        listed_before = true;
-        let mut version = version;
-        debug!(kind = shared.kind.as_str(), objects = objects.len(), %version, "listed");
-        shared.replace(objects, errors);
-        backoff.reset();
-        loop {
-            let stream = tokio::select! {
-                _ = stop.cancelled() => return Exit::Stopped,
-                r = lw.watch(&wp, &version) => r,
-            };
-            let mut stream = match stream {
-                Ok(s) => s,
-                Err(e) if is_status(&e, 410) => {
-                    info!(
-                        kind = shared.kind.as_str(),
-                        "resourceVersion too old (410 Gone); re-listing"
-                    );
-                    continue 'relist;
+            Ok(Event::InitDone) => {
+                shared.reached();
+                if listed_before {
+                    shared.relisted();
                 }
-                Err(e) => {
-                    shared.error(describe(&e));
-                    if !pause(stop, backoff.next_delay()).await {
+                listed_before = true;
+                let Listing { objects, errors } = std::mem::take(&mut listing);
+                debug!(
+                    kind = shared.kind.as_str(),
+                    objects = objects.len(),
+                    "listed"
+                );
+                shared.replace(objects, errors);
+                backoff.reset();
+            }
+            Ok(Event::Apply(o)) => {
+                shared.reached();
+                backoff.reset();
+                shared.count_event("applied");
+                let key = key_of(&o);
+                shared.upsert(key, convert(o));
+            }
+            Ok(Event::Delete(o)) => {
+                shared.reached();
+                backoff.reset();
+                shared.count_event("deleted");
+                shared.remove(&key_of(&o));
+            }
+            Err(e) => match recovery(&e) {
+                Recovery::NotFound if not_found_exits => return Exit::NotFound,
+                Recovery::Relist => {
+                    info!(kind = shared.kind.as_str(), error = %e,
+                          "resourceVersion or list continue token too old (410 Gone); listing again");
+                }
+                Recovery::Restart => {
+                    info!(kind = shared.kind.as_str(), error = %e,
+                          "resourceVersion too old (410 Gone); listing again");
+                    stream = watcher::watcher(api.clone(), config.clone()).boxed();
+                }
+                Recovery::NotFound | Recovery::Retry => {
+                    shared.error(describe_watcher(&e));
+                    let delay = backoff.next_delay();
+                    if !pause(stop, delay).await {
                         return Exit::Stopped;
                     }
-                    continue;
+                    // The watcher retries when polled next; if that watch starts and stays
+                    // quiet, this check is what clears the stale mark.
+                    probe_at = Some(Instant::now() + timing.backoff_min);
+                    probe_backoff.reset();
                 }
-            };
-            shared.reached();
-            loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => return Exit::Stopped,
-                    r = tokio::time::timeout(idle, stream.try_next()) => r,
-                };
-                let event = match next {
-                    Err(_) => {
-                        warn!(
-                            kind = shared.kind.as_str(),
-                            "watch silent for too long; reconnecting"
-                        );
-                        break;
-                    }
-                    // The server ended the watch (its timeout): resume from the last version.
-                    Ok(Ok(None)) => break,
-                    Ok(Err(e)) => {
-                        shared.error(describe(&e));
-                        if !pause(stop, backoff.next_delay()).await {
-                            return Exit::Stopped;
-                        }
-                        break;
-                    }
-                    Ok(Ok(Some(event))) => event,
-                };
-                backoff.reset();
-                match event {
-                    WatchEvent::Added(o) | WatchEvent::Modified(o) => {
-                        if let Some(v) = &o.meta().resource_version {
-                            version.clone_from(v);
-                        }
-                        shared.count_event("applied");
-                        let key = key_of(&o);
-                        shared.upsert(key, convert(o));
-                    }
-                    WatchEvent::Deleted(o) => {
-                        if let Some(v) = &o.meta().resource_version {
-                            version.clone_from(v);
-                        }
-                        shared.count_event("deleted");
-                        shared.remove(&key_of(&o));
-                    }
-                    WatchEvent::Bookmark(b) => {
-                        version = b.metadata.resource_version;
-                    }
-                    WatchEvent::Error(s) if s.code == 410 => {
-                        info!(kind = shared.kind.as_str(), message = %s.message,
-                              "resourceVersion too old (410 Gone); re-listing");
-                        continue 'relist;
-                    }
-                    WatchEvent::Error(s) => {
-                        shared.error(format!("watch error: {} ({})", s.message, s.code));
-                        if !pause(stop, backoff.next_delay()).await {
-                            return Exit::Stopped;
-                        }
-                        break;
-                    }
-                }
-            }
+            },
         }
     }
 }
@@ -574,5 +559,40 @@ mod tests {
         assert!(delays[7] >= Duration::from_millis(500) && delays[7] < Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() < Duration::from_millis(100));
+    }
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure("x", "Expired").with_code(code),
+        ))
+    }
+
+    #[test]
+    fn gone_relists_and_only_a_list_404_means_the_crd_went_away() {
+        let status = |code| Box::new(kube::core::Status::failure("x", "y").with_code(code));
+        use watcher::Error as E;
+        assert_eq!(recovery(&E::WatchError(status(410))), Recovery::Relist);
+        assert_eq!(
+            recovery(&E::InitialListFailed(api_error(410))),
+            Recovery::Relist
+        );
+        assert_eq!(
+            recovery(&E::WatchStartFailed(api_error(410))),
+            Recovery::Restart
+        );
+        assert_eq!(
+            recovery(&E::InitialListFailed(api_error(404))),
+            Recovery::NotFound
+        );
+        assert_eq!(
+            recovery(&E::WatchStartFailed(api_error(404))),
+            Recovery::Retry
+        );
+        assert_eq!(recovery(&E::WatchError(status(500))), Recovery::Retry);
+        assert_eq!(
+            recovery(&E::InitialListFailed(api_error(403))),
+            Recovery::Retry
+        );
+        assert!(describe_watcher(&E::InitialListFailed(api_error(403))).contains("deploy/rbac"));
     }
 }
