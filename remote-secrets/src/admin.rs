@@ -13,11 +13,13 @@ use registry::naming::ClusterName;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::clusters::{ClusterSummary, Clusters};
+use crate::clusters::Clusters;
 use crate::config::ServeConfig;
-use crate::eds::{self, EdsOptions, NetworkGateways};
+use crate::eds::{self, EdsOptions};
 use crate::mesh_networks::MeshNetworks;
 use crate::secrets::SecretsStatus;
+use crate::view::ClusterSummary;
+use crate::view::NetworkGateways;
 
 #[derive(Clone)]
 pub struct AdminState {

@@ -1,4 +1,5 @@
-//! `serve`: wires the sources, the multi-cluster registry, xDS and the admin endpoints.
+//! `serve`: wires the sources, the multi-cluster registry, xDS and the admin endpoints, in the
+//! process shell (source start-up, admin servers, readiness, SIGTERM lifecycle).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -6,34 +7,35 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use process_shell::admin::{Servers, bind};
+use process_shell::source::{SecretSelector, SourceError, SourceSpec};
+use process_shell::{Lifecycle, Readiness, Source, Work};
 use prometheus_client::registry::Registry;
-use registry::admin::{Readiness, bind, metrics_router, spawn_http, status_router};
 use registry::source::dir::watch_dir;
+use registry::source::kube::{self as kube_source, KubeSourceConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{AdminState, router};
-use crate::clusters::{ClusterSource, Clusters};
-use crate::config::{ExportPolicy, ServeConfig};
+use crate::clusters::Clusters;
+use crate::config::ServeConfig;
 use crate::connector::KubeConnector;
-use crate::eds::{self, EdsOptions};
+use crate::eds::EdsOptions;
 use crate::mesh_networks::{MeshNetworks, MeshNetworksError};
 use crate::metrics::{ClusterMetrics, XdsMetrics};
 use crate::secrets::{self, MULTICLUSTER_LABEL, RemoteConnector, SecretsController, SecretsStatus};
+use crate::view::ClusterSource;
 use crate::xds::{self, TlsFiles, XdsError, XdsService};
-use registry::source::kube::{
-    self as kube_source, KubeError, KubeSource, KubeSourceConfig, SecretSelector,
-};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Dir(#[from] registry::source::dir::DirError),
+    Source(#[from] SourceError),
     #[error(transparent)]
-    Kube(#[from] KubeError),
+    Dir(#[from] registry::source::dir::DirError),
     #[error(transparent)]
     MeshNetworks(#[from] MeshNetworksError),
     #[error(transparent)]
@@ -57,8 +59,10 @@ pub struct App {
     pub clusters: Clusters,
     pub readiness: Readiness,
     pub xds_metrics: Arc<XdsMetrics>,
+    /// Everything but the xDS streams (sources, the registry, admin): cancelled last.
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    lifecycle: Lifecycle,
 }
 
 impl App {
@@ -87,7 +91,7 @@ impl App {
         let connector = connector.unwrap_or_else(|| {
             Arc::new(KubeConnector::new(
                 source_metrics.clone(),
-                config.watch_namespaces.clone(),
+                config.source.watch_namespaces.clone(),
             ))
         });
         let xds_metrics = Arc::new(XdsMetrics::new(&mut registry));
@@ -96,7 +100,7 @@ impl App {
         let options = EdsOptions {
             domain_suffix: config.domain_suffix.clone(),
             global_suffix: config.global_suffix.clone(),
-            require_export: config.export_policy == ExportPolicy::Exported,
+            export_policy: config.export_policy,
         };
         let networks = match &config.mesh_networks {
             Some(p) => MeshNetworks::load(p)?,
@@ -112,6 +116,15 @@ impl App {
         } else {
             None
         };
+        // Listeners first: nothing is started (no API watches) when one cannot be bound.
+        let xds_listener = bind(config.xds_listen, "xDS (--xds-listen)").await?;
+        let xds_tls_listener = match tls {
+            Some(_) => Some(bind(config.xds_tls_listen, "xDS over mTLS (--xds-tls-listen)").await?),
+            None => None,
+        };
+        let servers = Servers::bind(&config.listeners).await?;
+        let admin_addrs = servers.addresses()?;
+
         let clusters = Clusters::start(
             config.cluster_id.clone(),
             Arc::new(networks),
@@ -120,48 +133,29 @@ impl App {
         );
 
         // Local cluster: a directory, else the Kubernetes API (with the kubeconfig Secrets).
-        let (local, local_source) = match &config.config_dir {
-            Some(dir) => {
-                let (local, t) = watch_dir(dir.clone(), config.config_poll).await?;
-                tasks.push(t);
-                (
-                    local,
-                    ClusterSource::Local(format!("dir:{}", dir.display())),
-                )
-            }
-            None => {
-                let client = match &config.kubeconfig {
-                    Some(path) => kube_source::client_from_kubeconfig_file(path).await?,
-                    None => kube_source::client_infer().await?,
-                };
-                let mut source_config = KubeSourceConfig::new(
-                    &config.cluster_id,
-                    KubeSourceConfig::ALL_KINDS,
-                    config.watch_namespaces.clone(),
-                );
-                source_config.secrets = Some(SecretSelector {
-                    namespace: config.secrets_namespace.clone(),
-                    label_selector: format!("{MULTICLUSTER_LABEL}=true"),
-                });
-                let source = KubeSource::start(client, source_config, source_metrics.clone());
-                let (local, task) = source.into_parts();
-                tasks.push(task);
-                (local, ClusterSource::Local("kubernetes".into()))
-            }
+        let spec = SourceSpec {
+            cluster_id: &config.cluster_id,
+            kinds: KubeSourceConfig::ALL_KINDS,
+            secrets: Some(SecretSelector {
+                namespace: config.secrets_namespace.clone(),
+                label_selector: format!("{MULTICLUSTER_LABEL}=true"),
+            }),
         };
-        let local_health = config.config_dir.is_none().then(|| local.health());
+        let source = Source::start(&config.source, spec, || source_metrics.clone()).await?;
+        let local = source.handle.clone();
+        let local_health = source.reports_health().then(|| local.health());
         clusters.attach(
             &config.cluster_id,
-            local_source,
+            ClusterSource::Local(Source::describe(&config.source)),
             Some(config.network.clone()),
             local.clone(),
             local_health,
         );
         // File-backed remotes: a vanished directory marks the cluster stale.
         for r in &config.remote_config_dirs {
-            let (handle, t) = watch_dir(r.dir.clone(), config.config_poll).await?;
+            let (handle, t) = watch_dir(r.dir.clone(), config.source.config_poll).await?;
             tasks.push(t);
-            let health = dir_health(r.dir.clone(), config.config_poll, stop.clone());
+            let health = dir_health(r.dir.clone(), config.source.config_poll, stop.clone());
             clusters.attach(
                 &r.cluster_id,
                 ClusterSource::RemoteDir(r.dir.display().to_string()),
@@ -173,7 +167,7 @@ impl App {
         if let Some(path) = config.mesh_networks.clone() {
             tasks.push(tokio::spawn(reload_networks(
                 path,
-                config.config_poll,
+                config.source.config_poll,
                 clusters.clone(),
                 stop.clone(),
             )));
@@ -206,7 +200,9 @@ impl App {
             stop.clone(),
         )));
 
-        // xDS.
+        // xDS: the streams are the in-flight work of the lifecycle. After the drain they are
+        // ended (never mid-push) and the listeners close; at the deadline what is left is cut.
+        let work = Work::default();
         let generations = xds::debounce::start(
             clusters.subscribe(),
             config.debounce,
@@ -218,28 +214,23 @@ impl App {
             options.clone(),
             config.default_network().to_string(),
             xds_metrics.clone(),
-            stop.clone(),
+            work.stop_accepting.clone(),
         );
-        let xds_listener = bind(config.xds_listen, "xDS (--xds-listen)").await?;
         let xds_addr = xds_listener.local_addr()?;
-        tasks.push(spawn_xds(service.clone(), xds_listener, None, stop.clone()));
+        spawn_xds(service.clone(), xds_listener, None, &work);
         let mut xds_tls = None;
-        if let Some(tls) = tls {
-            let l = bind(config.xds_tls_listen, "xDS over mTLS (--xds-tls-listen)").await?;
+        if let (Some(tls), Some(l)) = (tls, xds_tls_listener) {
             xds_tls = Some(l.local_addr()?);
-            tasks.push(spawn_xds(service, l, Some(tls), stop.clone()));
+            spawn_xds(service, l, Some(tls), &work);
         }
 
         // Admin.
-        let status = bind(config.status_listen, "readiness (--status-listen)").await?;
-        let metrics = bind(config.metrics_listen, "metrics (--metrics-listen)").await?;
-        let admin = bind(config.admin_listen, "admin (--admin-listen)").await?;
         let addresses = Addresses {
             xds: xds_addr,
             xds_tls,
-            status: status.local_addr()?,
-            metrics: metrics.local_addr()?,
-            admin: admin.local_addr()?,
+            status: admin_addrs.status,
+            metrics: admin_addrs.metrics,
+            admin: admin_addrs.admin,
         };
         let admin_state = AdminState {
             config: Arc::new(config.clone()),
@@ -247,26 +238,33 @@ impl App {
             secrets: secrets_rx,
             options: Arc::new(options),
         };
-        tasks.push(spawn_http(
-            status,
-            status_router(readiness.clone()),
-            stop.clone(),
-        ));
-        tasks.push(spawn_http(
-            metrics,
-            metrics_router(Arc::new(registry)),
-            stop.clone(),
-        ));
-        tasks.push(spawn_http(admin, router(admin_state), stop.clone()));
+        tasks.extend(servers.serve(readiness.clone(), registry, router(admin_state), &stop));
 
         // Ready once the local cluster synced; never waits on a remote.
-        let ready = readiness.clone();
-        tasks.push(tokio::spawn(async move {
-            local.wait_synced().await;
-            ready.set(true);
-            info!("local cluster synced: ready");
-        }));
+        readiness
+            .become_ready_when(
+                &local,
+                {
+                    let local = local.clone();
+                    async move { local.wait_synced().await }
+                },
+                || info!("local cluster synced: ready"),
+            )
+            .await;
         info!(?addresses, "remote-secrets serving");
+        let lifecycle = Lifecycle::spawn(
+            "remote-secrets",
+            readiness.clone(),
+            &config.lifecycle,
+            work,
+            {
+                let stop = stop.clone();
+                async move {
+                    stop.cancel();
+                    source.shutdown().await;
+                }
+            },
+        );
         Ok(App {
             addresses,
             clusters,
@@ -274,15 +272,34 @@ impl App {
             xds_metrics,
             stop,
             tasks,
+            lifecycle,
         })
     }
 
+    /// Start terminating, as SIGTERM does: readiness 503 and xDS served on for
+    /// --drain-duration, then every stream is ended (clients reconnect to another replica)
+    /// and the listeners close; streams still open at --termination-deadline are cut.
+    pub fn begin_termination(&self) {
+        self.lifecycle.begin();
+    }
+
+    /// Wait until termination has finished, then for every task.
+    pub async fn wait_terminated(self) {
+        self.lifecycle.wait().await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Stop at once (tests): readiness 503, everything cancelled.
     pub fn stop(&self) {
-        self.readiness.set(false);
+        self.readiness.begin_drain();
         self.stop.cancel();
     }
 
+    /// After [`App::stop`]: end every task now.
     pub async fn wait(self) {
+        self.lifecycle.stop_now().await;
         for t in self.tasks {
             t.abort();
             let _ = t.await;
@@ -290,17 +307,23 @@ impl App {
     }
 }
 
+/// Serve xDS on `listener` as in-flight work: until the drain ends, then until its streams
+/// have ended, or the deadline cuts them.
 fn spawn_xds(
     service: XdsService,
     listener: tokio::net::TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = xds::serve(service, listener, tls, stop).await {
-            warn!(error = %e, "xDS server stopped");
+    work: &Work,
+) {
+    let (drain, force) = (work.stop_accepting.clone(), work.force.clone());
+    work.in_flight.spawn(async move {
+        tokio::select! {
+            r = xds::serve(service, listener, tls, drain) => if let Err(e) = r {
+                warn!(error = %e, "xDS server stopped");
+            },
+            _ = force.cancelled() => warn!("xDS streams still open at the termination deadline: closed"),
         }
-    })
+    });
 }
 
 /// `true` while the directory exists.
@@ -365,7 +388,10 @@ async fn resolve_dns(
     let mut known: BTreeSet<String> = BTreeSet::new();
     let mut deadline = tokio::time::Instant::now();
     loop {
-        let names = eds::hostnames_to_resolve(&views.borrow_and_update(), &options);
+        let names = crate::gateways::hostnames_to_resolve(
+            &views.borrow_and_update(),
+            &options.domain_suffix,
+        );
         if names != known || tokio::time::Instant::now() >= deadline {
             let mut answers: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
             for name in &names {

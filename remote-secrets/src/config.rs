@@ -6,9 +6,13 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use registry::admin::LogFormat;
-use registry::cli::parse_duration;
+use clap::{CommandFactory, Parser, Subcommand};
+pub use process_shell::ConfigError;
+use process_shell::flags::{
+    LifecycleDefaults, LifecycleFlags, ListenFlags, LogFlags, Namespaces, Problems, SourceFlags,
+    duration_ms, parse_duration,
+};
+pub use registry::admission::ExportPolicy;
 use registry::naming::is_dns1123_label;
 use serde::Serialize;
 
@@ -22,6 +26,29 @@ use crate::remote_secret::CreateRemoteSecretConfig;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Every flag `--foo-bar` of `serve` also reads `REMOTE_SECRETS_FOO_BAR`.
+pub const ENV_PREFIX: &str = "REMOTE_SECRETS";
+
+impl Cli {
+    /// This process's arguments; `serve`'s flags with their `REMOTE_SECRETS_*` fallbacks.
+    pub fn from_args() -> Cli {
+        let command = Cli::command().mut_subcommand("serve", |serve| {
+            process_shell::flags::with_env_prefix(serve, ENV_PREFIX)
+        });
+        process_shell::flags::parse_command(command)
+    }
+}
+
+/// The control plane's drain and deadline defaults: the pod's terminationGracePeriodSeconds (15
+/// in deploy/base/remote-secrets.yaml) is above 5 s + 5 s.
+#[derive(Clone, Debug)]
+pub struct ServeLifecycle;
+
+impl LifecycleDefaults for ServeLifecycle {
+    const DRAIN_DURATION: &'static str = "5s";
+    const TERMINATION_DEADLINE: &'static str = "5s";
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,16 +82,6 @@ impl FromStr for RemoteDir {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExportPolicy {
-    /// Remote endpoints count only for services exported in their cluster (ServiceExport or the
-    /// multicluster.x-k8s.io/exported=true label): the gateway refuses the others.
-    Exported,
-    /// Every service (for gateways run with --export-policy all).
-    All,
-}
-
 /// `remote-secrets serve`: the control plane of one cluster.
 ///
 /// Reads the local cluster (--config-dir), remote clusters (--remote-config-dir, and kubeconfig
@@ -73,220 +90,134 @@ pub enum ExportPolicy {
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct ServeConfig {
     /// This cluster's id (a DNS-1123 label), as the other clusters' secrets name it.
-    #[arg(long, env = "REMOTE_SECRETS_CLUSTER_ID")]
+    #[arg(long)]
     pub cluster_id: String,
 
     /// This cluster's network (Istio's topology.istio.io/network).
-    #[arg(long, env = "REMOTE_SECRETS_NETWORK")]
+    #[arg(long)]
     pub network: String,
 
-    /// The local cluster's objects as YAML (Services, EndpointSlices, Pods, DestinationRules,
-    /// ServiceExports, Secrets), watched, instead of the Kubernetes API.
-    #[arg(long, env = "REMOTE_SECRETS_CONFIG_DIR")]
-    pub config_dir: Option<PathBuf>,
-
-    /// Without --config-dir: the kubeconfig of the local cluster's API (default: in-cluster
-    /// service account, else KUBECONFIG or ~/.kube/config).
-    #[arg(long, env = "REMOTE_SECRETS_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-
-    /// Watch only these namespaces, locally and in remote clusters (repeatable; default: all).
-    /// Secrets are read in --secrets-namespace regardless.
-    #[arg(
-        long = "watch-namespace",
-        env = "REMOTE_SECRETS_WATCH_NAMESPACE",
-        value_delimiter = ','
-    )]
-    pub watch_namespaces: Vec<String>,
+    /// The local cluster (--config-dir: Services, EndpointSlices, Pods, DestinationRules,
+    /// ServiceExports, Secrets as YAML), or its API. --watch-namespace applies to remote
+    /// clusters too; Secrets are read in --secrets-namespace regardless.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub source: SourceFlags,
 
     /// A file-backed remote cluster, `CLUSTER_ID=DIR` (repeatable).
-    #[arg(
-        long = "remote-config-dir",
-        env = "REMOTE_SECRETS_REMOTE_CONFIG_DIR",
-        value_delimiter = ','
-    )]
+    #[arg(long = "remote-config-dir", value_delimiter = ',')]
     pub remote_config_dirs: Vec<RemoteDir>,
 
-    /// How often config directories and the mesh networks file are checked for changes.
-    #[arg(long, env = "REMOTE_SECRETS_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
-    pub config_poll: Duration,
-
     /// Where kubeconfig Secrets (label istio/multiCluster=true) are read.
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_SECRETS_NAMESPACE",
-        default_value = "istio-system"
-    )]
+    #[arg(long, default_value = "istio-system")]
     pub secrets_namespace: String,
 
     /// Accept kubeconfigs whose users run a command (exec) or an auth-provider plugin.
-    #[arg(long, env = "REMOTE_SECRETS_ALLOW_KUBECONFIG_EXEC")]
+    #[arg(long)]
     pub allow_kubeconfig_exec: bool,
 
     /// Istio meshNetworks YAML (`networks: {...}`); reloaded when it changes.
-    #[arg(long, env = "REMOTE_SECRETS_MESH_NETWORKS")]
+    #[arg(long)]
     pub mesh_networks: Option<PathBuf>,
 
     /// The network of clients whose node metadata has no NETWORK (default: --network).
-    #[arg(long, env = "REMOTE_SECRETS_DEFAULT_NETWORK")]
+    #[arg(long)]
     pub default_network: Option<String>,
 
     /// xDS over plaintext gRPC.
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_XDS_LISTEN",
-        default_value = "0.0.0.0:15010"
-    )]
+    #[arg(long, default_value = "0.0.0.0:15010")]
     pub xds_listen: SocketAddr,
 
     /// xDS over mutual TLS; served when the three --xds-tls-* files are given.
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_XDS_TLS_LISTEN",
-        default_value = "0.0.0.0:15012"
-    )]
+    #[arg(long, default_value = "0.0.0.0:15012")]
     pub xds_tls_listen: SocketAddr,
 
     /// The server's certificate chain (PEM, leaf first), e.g. from `certs workload`.
-    #[arg(long, env = "REMOTE_SECRETS_XDS_TLS_CERT_CHAIN")]
+    #[arg(long)]
     pub xds_tls_cert_chain: Option<PathBuf>,
 
     /// The server's private key (PEM).
-    #[arg(long, env = "REMOTE_SECRETS_XDS_TLS_KEY")]
+    #[arg(long)]
     pub xds_tls_key: Option<PathBuf>,
 
     /// The shared root: clients must present a certificate chaining to it.
-    #[arg(long, env = "REMOTE_SECRETS_XDS_TLS_ROOT_CERT")]
+    #[arg(long)]
     pub xds_tls_root_cert: Option<PathBuf>,
 
     /// Quiet time before a burst of changes is pushed.
-    #[arg(long, env = "REMOTE_SECRETS_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    #[serde(with = "duration_ms")]
     pub debounce: Duration,
 
     /// Longest a burst may delay a push.
-    #[arg(long, env = "REMOTE_SECRETS_DEBOUNCE_MAX", default_value = "1s", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "duration_ms")]
     pub debounce_max: Duration,
 
     /// How often gateway host names are resolved again.
-    #[arg(long, env = "REMOTE_SECRETS_DNS_REFRESH", default_value = "30s", value_parser = parse_duration)]
-    #[serde(with = "registry::cli::duration_ms")]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "duration_ms")]
     pub dns_refresh: Duration,
 
-    /// Which remote services count (see the gateway's flag of the same name).
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_EXPORT_POLICY",
-        value_enum,
-        default_value = "exported"
-    )]
+    /// The remote gateways' --export-policy: another network's endpoints count only for
+    /// services their gateway admits (exported: ServiceExport or the
+    /// multicluster.x-k8s.io/exported=true label), since it refuses the others.
+    #[arg(long, value_enum, default_value = "exported")]
     pub export_policy: ExportPolicy,
 
     /// The cluster DNS domain: services are `<name>.<ns>.svc.<domain-suffix>`.
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_DOMAIN_SUFFIX",
-        default_value = "cluster.local"
-    )]
+    #[arg(long, default_value = "cluster.local")]
     pub domain_suffix: String,
 
     /// The multi-cluster suffix: `<name>.<ns>.<global-suffix>`.
-    #[arg(long, env = "REMOTE_SECRETS_GLOBAL_SUFFIX", default_value = "global")]
+    #[arg(long, default_value = "global")]
     pub global_suffix: String,
 
-    /// `GET /healthz/ready`: 200 once the local cluster is synced (never waits on remotes).
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_STATUS_LISTEN",
-        default_value = "0.0.0.0:15021"
-    )]
-    pub status_listen: SocketAddr,
+    /// Status, metrics and admin listeners. Readiness waits for the local cluster only, never
+    /// for a remote one.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub listeners: ListenFlags,
 
-    /// `GET /metrics`.
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_METRICS_LISTEN",
-        default_value = "0.0.0.0:15020"
-    )]
-    pub metrics_listen: SocketAddr,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lifecycle: LifecycleFlags<ServeLifecycle>,
 
-    /// `GET /config_dump`, `GET /debug/explain?host=...&network=...`. Keep it on localhost.
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_ADMIN_LISTEN",
-        default_value = "127.0.0.1:15000"
-    )]
-    pub admin_listen: SocketAddr,
-
-    #[arg(
-        long,
-        env = "REMOTE_SECRETS_LOG_FORMAT",
-        value_enum,
-        default_value = "plain"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub log: LogFlags,
 }
-
-/// Every problem with a configuration, reported together.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
-pub struct ConfigError(pub Vec<String>);
 
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut errors = Vec::new();
+        let mut p = Problems::default();
         if !is_dns1123_label(&self.cluster_id) {
-            errors.push(format!(
+            p.push(format!(
                 "--cluster-id {:?} is not a DNS-1123 label (lower-case letters, digits, '-')",
                 self.cluster_id
             ));
         }
         if self.network.is_empty() {
-            errors.push("--network must not be empty".into());
+            p.push("--network must not be empty");
         }
-        match &self.config_dir {
-            None => {}
-            Some(d) if !d.is_dir() => errors.push(format!(
-                "--config-dir {}: not a directory; does it exist?",
-                d.display()
-            )),
-            Some(_) if self.kubeconfig.is_some() => errors.push(
-                "--kubeconfig names the local cluster's API; drop it or drop --config-dir".into(),
-            ),
-            Some(_) => {}
-        }
-        if let Some(k) = &self.kubeconfig
-            && !k.is_file()
-        {
-            errors.push(format!(
-                "--kubeconfig {}: not a file; does it exist?",
-                k.display()
-            ));
-        }
-        for ns in &self.watch_namespaces {
-            if !is_dns1123_label(ns) {
-                errors.push(format!("--watch-namespace {ns:?} is not a namespace name"));
-            }
-        }
+        self.source.check(&mut p, Namespaces::AlsoRemote);
         let mut seen = vec![self.cluster_id.as_str()];
         for r in &self.remote_config_dirs {
             if !is_dns1123_label(&r.cluster_id) {
-                errors.push(format!(
+                p.push(format!(
                     "--remote-config-dir {}: cluster id is not a DNS-1123 label",
                     r.cluster_id
                 ));
             }
             if seen.contains(&r.cluster_id.as_str()) {
-                errors.push(format!(
+                p.push(format!(
                     "--remote-config-dir {}: cluster id used twice (or is --cluster-id)",
                     r.cluster_id
                 ));
             }
             seen.push(&r.cluster_id);
             if !r.dir.is_dir() {
-                errors.push(format!(
+                p.push(format!(
                     "--remote-config-dir {}={}: not a directory",
                     r.cluster_id,
                     r.dir.display()
@@ -294,7 +225,7 @@ impl ServeConfig {
             }
         }
         if !is_dns1123_label(&self.secrets_namespace) {
-            errors.push(format!(
+            p.push(format!(
                 "--secrets-namespace {:?} is not a namespace name",
                 self.secrets_namespace
             ));
@@ -302,7 +233,7 @@ impl ServeConfig {
         if let Some(m) = &self.mesh_networks
             && !m.is_file()
         {
-            errors.push(format!("--mesh-networks {}: no such file", m.display()));
+            p.push(format!("--mesh-networks {}: no such file", m.display()));
         }
         let tls = [
             &self.xds_tls_cert_chain,
@@ -311,45 +242,22 @@ impl ServeConfig {
         ];
         let given = tls.iter().filter(|t| t.is_some()).count();
         if given != 0 && given != 3 {
-            errors.push(
-                "--xds-tls-cert-chain, --xds-tls-key and --xds-tls-root-cert go together".into(),
-            );
+            p.push("--xds-tls-cert-chain, --xds-tls-key and --xds-tls-root-cert go together");
         }
-        for (flag, value) in [
-            ("--global-suffix", &self.global_suffix),
-            ("--domain-suffix", &self.domain_suffix),
-        ] {
-            if value.is_empty() || !value.split('.').all(is_dns1123_label) {
-                errors.push(format!("{flag} {value:?} is not a DNS name"));
-            }
-        }
-        for (flag, d) in [
-            ("--config-poll", self.config_poll),
-            ("--debounce-max", self.debounce_max),
-            ("--dns-refresh", self.dns_refresh),
-        ] {
-            if d.is_zero() {
-                errors.push(format!("{flag} must be more than 0"));
-            }
-        }
+        p.dns_name("--global-suffix", &self.global_suffix);
+        p.dns_name("--domain-suffix", &self.domain_suffix);
+        p.positive("--debounce-max", self.debounce_max);
+        p.positive("--dns-refresh", self.dns_refresh);
         if self.debounce > self.debounce_max {
-            errors.push("--debounce must not exceed --debounce-max".into());
+            p.push("--debounce must not exceed --debounce-max");
         }
-        let mut listeners = vec![
-            ("--xds-listen", self.xds_listen),
-            ("--status-listen", self.status_listen),
-            ("--metrics-listen", self.metrics_listen),
-            ("--admin-listen", self.admin_listen),
-        ];
+        let mut listeners = vec![("--xds-listen", self.xds_listen)];
+        listeners.extend(self.listeners.named());
         if self.tls_enabled() {
             listeners.push(("--xds-tls-listen", self.xds_tls_listen));
         }
-        registry::cli::check_distinct_listeners(&listeners, &mut errors);
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError(errors))
-        }
+        p.distinct_listeners(&listeners);
+        p.finish()
     }
 
     pub fn tls_enabled(&self) -> bool {
@@ -375,14 +283,12 @@ impl ServeConfig {
         else {
             unreachable!("parsed a serve command")
         };
-        c.config_dir = Some(config_dir);
-        c.config_poll = Duration::from_millis(50);
+        c.source = SourceFlags::dir_for_tests(config_dir);
         let local = SocketAddr::from(([127, 0, 0, 1], 0));
         c.xds_listen = local;
         c.xds_tls_listen = local;
-        c.status_listen = local;
-        c.metrics_listen = local;
-        c.admin_listen = local;
+        c.listeners = ListenFlags::for_tests();
+        c.lifecycle = LifecycleFlags::for_tests();
         *c
     }
 }

@@ -14,19 +14,19 @@
 //! 3. [`to_cla`]: the protobuf, gateways carrying `tlsMode: istio` transport-socket metadata.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as ep;
 use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value};
 use registry::ServiceName;
+use registry::admission::{ExportPolicy, ReadyEndpoint, admit, ready_endpoints};
 use registry::naming::{ClusterName, parse_global_host, parse_local_fqdn};
-use registry::snapshot::{Locality, ServiceInfo, labels_match};
+use registry::snapshot::{Endpoint, Locality, ServiceInfo};
 use serde::Serialize;
 
-use crate::clusters::MeshView;
-use crate::mesh_networks::GatewayTarget;
+use crate::mesh_networks::MeshNetworks;
+use crate::view::{MeshView, NetworkGateways};
 
 /// The pod label that puts an endpoint in a network (Istio's).
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
@@ -39,9 +39,9 @@ pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
 pub struct EdsOptions {
     pub domain_suffix: String,
     pub global_suffix: String,
-    /// Remote networks' endpoints count only for services exported in their cluster (the
-    /// gateway there would refuse the others).
-    pub require_export: bool,
+    /// The remote gateways' `--export-policy`: another network's endpoints count only for
+    /// services their gateway admits (it would refuse the others).
+    pub export_policy: ExportPolicy,
 }
 
 impl Default for EdsOptions {
@@ -49,131 +49,9 @@ impl Default for EdsOptions {
         EdsOptions {
             domain_suffix: "cluster.local".into(),
             global_suffix: "global".into(),
-            require_export: true,
+            export_policy: ExportPolicy::Exported,
         }
     }
-}
-
-/// Each network's gateways, resolved.
-pub type ResolvedGateways = Arc<BTreeMap<String, NetworkGateways>>;
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct NetworkGateways {
-    pub addresses: Vec<SocketAddr>,
-    /// Why a configured gateway has no address (yet).
-    pub problems: Vec<String>,
-}
-
-/// Resolve every network's gateways against the clusters' LoadBalancer status and the DNS
-/// cache.
-pub fn resolve_gateways(view: &MeshView, opts: &EdsOptions) -> ResolvedGateways {
-    let mut out = BTreeMap::new();
-    for (name, network) in &view.networks.networks {
-        let mut gws = NetworkGateways::default();
-        for gw in &network.gateways {
-            let mut push = |ip: IpAddr| {
-                let a = SocketAddr::new(ip, gw.port);
-                if !gws.addresses.contains(&a) {
-                    gws.addresses.push(a);
-                }
-            };
-            match &gw.target {
-                GatewayTarget::Ip(ip) => push(*ip),
-                GatewayTarget::Hostname(h) => match view.dns.get(h) {
-                    Some(ips) if !ips.is_empty() => ips.iter().copied().for_each(&mut push),
-                    _ => gws
-                        .problems
-                        .push(format!("gateway host {h} has no DNS answer (yet)")),
-                },
-                GatewayTarget::RegistryService(fqdn) => {
-                    let Some((ns, svc)) = parse_local_fqdn(fqdn, &opts.domain_suffix) else {
-                        gws.problems.push(format!(
-                            "registryServiceName {fqdn} is not <name>.<ns>.svc.{}",
-                            opts.domain_suffix
-                        ));
-                        continue;
-                    };
-                    let key = ServiceName::new(ns, svc);
-                    let owners: Vec<_> = view
-                        .clusters
-                        .values()
-                        .filter(|c| c.network(&view.networks) == Some(name.as_str()))
-                        .collect();
-                    let mut found = false;
-                    for c in &owners {
-                        let Some(s) = c.snapshot.services.get(&key) else {
-                            continue;
-                        };
-                        found = true;
-                        if s.load_balancer.is_empty() {
-                            gws.problems.push(format!(
-                                "service {key} in cluster {} has no LoadBalancer ingress yet",
-                                c.id
-                            ));
-                        }
-                        for lb in &s.load_balancer {
-                            match lb.parse::<IpAddr>() {
-                                Ok(ip) => push(ip),
-                                Err(_) => match view.dns.get(lb) {
-                                    Some(ips) if !ips.is_empty() => {
-                                        ips.iter().copied().for_each(&mut push)
-                                    }
-                                    _ => gws.problems.push(format!(
-                                        "LoadBalancer host {lb} of {key} in cluster {} has no DNS answer (yet)",
-                                        c.id
-                                    )),
-                                },
-                            }
-                        }
-                    }
-                    if !found {
-                        let ids: Vec<_> = owners.iter().map(|c| c.id.as_str()).collect();
-                        gws.problems.push(format!(
-                            "gateway service {key} not found in the clusters of network {name} ({})",
-                            ids.join(", ")
-                        ));
-                    }
-                }
-            }
-        }
-        out.insert(name.clone(), gws);
-    }
-    Arc::new(out)
-}
-
-/// Host names the DNS task should resolve: gateway addresses and LoadBalancer host names.
-pub fn hostnames_to_resolve(view: &MeshView, opts: &EdsOptions) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (name, network) in &view.networks.networks {
-        for gw in &network.gateways {
-            match &gw.target {
-                GatewayTarget::Ip(_) => {}
-                GatewayTarget::Hostname(h) => {
-                    out.insert(h.clone());
-                }
-                GatewayTarget::RegistryService(fqdn) => {
-                    let Some((ns, svc)) = parse_local_fqdn(fqdn, &opts.domain_suffix) else {
-                        continue;
-                    };
-                    let key = ServiceName::new(ns, svc);
-                    for c in view.clusters.values() {
-                        if c.network(&view.networks) != Some(name.as_str()) {
-                            continue;
-                        }
-                        if let Some(s) = c.snapshot.services.get(&key) {
-                            out.extend(
-                                s.load_balancer
-                                    .iter()
-                                    .filter(|h| h.parse::<IpAddr>().is_err())
-                                    .cloned(),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 /// One ready endpoint of a cluster name, with the network it lives in.
@@ -249,38 +127,65 @@ pub fn gather(
             continue;
         };
         let cluster_network = c.network(&view.networks);
-        for (e, target) in svc.endpoints_for(port) {
-            if !e.ready {
-                continue;
-            }
-            if let Some(labels) = &subset
-                && !labels_match(labels, &e.labels)
-            {
-                continue;
-            }
-            let network = e
-                .labels
-                .get(NETWORK_LABEL)
-                .map(String::as_str)
-                .or_else(|| view.networks.network_of_address(&e.address))
-                .or(cluster_network);
-            if opts.require_export && network != Some(client_network) && !svc.exported {
-                out.notes.push(format!(
-                    "cluster {}: {} not used: {key} is not exported there (its gateway would refuse it)",
-                    c.id, e.address
-                ));
-                continue;
-            }
+        let network_of = |e| endpoint_network(e, &view.networks, cluster_network);
+        // Endpoints in the client's network are reached directly: the subset by the labels
+        // found above. Every other network's are reached through that cluster's gateway, which
+        // admits by its own rules (registry::admission): only what it would route to counts.
+        let direct = ready_endpoints(svc, port, subset.as_ref());
+        let through_gateway = admit(svc, opts.export_policy, name.port, name.subset.as_deref());
+        let mut push = |ready: &ReadyEndpoint<'_>, network: Option<&str>| {
             out.endpoints.push(NetEndpoint {
-                address: SocketAddr::new(e.address, target),
+                address: ready.addr,
                 network: network.map(str::to_string),
                 cluster: c.id.clone(),
-                locality: e.locality.clone(),
-                tls_mode: e.labels.get(TLS_MODE_LABEL).cloned(),
-            });
+                locality: ready.endpoint.locality.clone(),
+                tls_mode: ready.endpoint.labels.get(TLS_MODE_LABEL).cloned(),
+            })
+        };
+        for ready in &direct {
+            let network = network_of(ready.endpoint);
+            if network == Some(client_network) {
+                push(ready, network);
+            }
+        }
+        match &through_gateway {
+            Ok(admitted) => {
+                for ready in &admitted.endpoints {
+                    let network = network_of(ready.endpoint);
+                    if network != Some(client_network) {
+                        push(ready, network);
+                    }
+                }
+            }
+            Err(refusal) => {
+                let unusable = direct
+                    .iter()
+                    .filter(|e| network_of(e.endpoint) != Some(client_network))
+                    .count();
+                if unusable > 0 {
+                    out.notes.push(format!(
+                        "cluster {}: {unusable} endpoint(s) not used: its gateway would refuse {key}: {refusal}",
+                        c.id
+                    ));
+                }
+            }
         }
     }
     out
+}
+
+/// An endpoint's network: the pod's `topology.istio.io/network` label, else the meshNetworks
+/// `fromCidr` holding its address, else its cluster's network.
+fn endpoint_network<'a>(
+    e: &'a Endpoint,
+    networks: &'a MeshNetworks,
+    cluster_network: Option<&'a str>,
+) -> Option<&'a str> {
+    e.labels
+        .get(NETWORK_LABEL)
+        .map(String::as_str)
+        .or_else(|| networks.network_of_address(&e.address))
+        .or(cluster_network)
 }
 
 /// An entry of a load assignment.

@@ -1,7 +1,6 @@
 use std::io::Write;
 
 use anyhow::Context;
-use clap::Parser;
 use remote_secrets::app::App;
 use remote_secrets::config::{Cli, Command};
 
@@ -9,20 +8,19 @@ use remote_secrets::config::{Cli, Command};
 async fn main() -> anyhow::Result<()> {
     // One crypto provider for every rustls user (tonic's TLS server included).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
+    let cli = Cli::from_args();
     match cli.command {
         Command::Serve(config) => {
-            registry::admin::init_logging(config.log_format);
-            tracing::info!(config = %serde_json::to_string(&config)?, "starting remote-secrets");
-            let mut term = registry::cli::TerminationSignal::install()
+            process_shell::logging::init_logging(&config.log, "info");
+            process_shell::logging::log_start("remote-secrets", &config);
+            let mut term = process_shell::TerminationSignal::install()
                 .context("installing the SIGTERM handler")?;
             let app = App::start(*config)
                 .await
                 .context("remote-secrets failed to start")?;
             term.recv().await;
-            tracing::info!("termination signal received");
-            app.stop();
-            app.wait().await;
+            app.begin_termination();
+            app.wait_terminated().await;
         }
         Command::CreateRemoteSecret(c) => {
             let yaml = remote_secrets::remote_secret::render(&c)?;

@@ -24,9 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::clusters::{ClusterSource, Clusters};
+use crate::clusters::Clusters;
 use crate::kubeconfig::{self, ClientConfig};
 use crate::metrics::{ClusterMetrics, SecretLabels};
+use crate::view::ClusterSource;
 
 pub const MULTICLUSTER_LABEL: &str = "istio/multiCluster";
 /// What the status shows for a valid kubeconfig until the Kubernetes source exists.

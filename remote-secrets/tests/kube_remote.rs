@@ -61,11 +61,11 @@ async fn remote_clusters_from_kubeconfig_secrets_over_the_api() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServeConfig::for_tests("cluster-1", "network1", dir.path().to_path_buf());
-    config.config_dir = None;
-    config.kubeconfig = Some(local.write_kubeconfig(dir.path()));
+    config.source.config_dir = None;
+    config.source.kubeconfig = Some(local.write_kubeconfig(dir.path()));
     let app = App::start(config).await.expect("starts");
 
-    eventually("local ready", || app.readiness.get()).await;
+    eventually("local ready", || app.readiness.is_ready()).await;
     assert_eq!(endpoints(&app, "cluster-1"), Some(1));
     eventually("remote attached once synced", || {
         endpoints(&app, "cluster-2") == Some(1)

@@ -1,10 +1,11 @@
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use registry::source::dir::snapshot_from_yaml;
 
 use super::*;
-use crate::clusters::{ClusterEntry, ClusterSource};
 use crate::mesh_networks::MeshNetworks;
+use crate::view::{ClusterEntry, ClusterSource};
 
 fn ep(addr: &str, network: &str, zone: &str) -> NetEndpoint {
     NetEndpoint {
@@ -287,7 +288,7 @@ pub(crate) fn two_cluster_view() -> MeshView {
     ] {
         view.clusters.insert(e.id.clone(), e);
     }
-    view.gateways = resolve_gateways(&view, &EdsOptions::default());
+    view.gateways = crate::gateways::resolve(&view, &EdsOptions::default().domain_suffix);
     view
 }
 
@@ -314,7 +315,7 @@ fn hostname_gateways_use_the_dns_cache() {
     let mut view = two_cluster_view();
     let text = "networks:\n  n:\n    endpoints: [{fromRegistry: cluster-2}]\n    gateways: [{address: gw.example.com, port: 443}]\n";
     view.networks = Arc::new(MeshNetworks::parse("t", text).unwrap());
-    let g = resolve_gateways(&view, &EdsOptions::default());
+    let g = crate::gateways::resolve(&view, &EdsOptions::default().domain_suffix);
     assert!(g["n"].addresses.is_empty());
     assert!(
         g["n"].problems[0].contains("gw.example.com"),
@@ -322,7 +323,7 @@ fn hostname_gateways_use_the_dns_cache() {
         g["n"]
     );
     assert_eq!(
-        hostnames_to_resolve(&view, &EdsOptions::default()),
+        crate::gateways::hostnames_to_resolve(&view, &EdsOptions::default().domain_suffix),
         BTreeSet::from(["gw.example.com".to_string()])
     );
     let mut dns = BTreeMap::new();
@@ -331,7 +332,7 @@ fn hostname_gateways_use_the_dns_cache() {
         vec!["192.0.2.7".parse().unwrap()],
     );
     view.dns = Arc::new(dns);
-    let g = resolve_gateways(&view, &EdsOptions::default());
+    let g = crate::gateways::resolve(&view, &EdsOptions::default().domain_suffix);
     assert_eq!(g["n"].addresses, vec!["192.0.2.7:443".parse().unwrap()]);
 }
 
@@ -371,7 +372,34 @@ fn subsets_filter_by_destination_rule_labels() {
         "network1",
         &opts,
     );
-    // cluster-1's v2 pod is not ready; cluster-2's v2 is behind its gateway.
+    // cluster-1's v2 pod is not ready; cluster-2 has a v2 pod, but no DestinationRule defines
+    // subset v2 there, so its gateway would refuse outbound_.8000_.v2_.httpbin.bar.global
+    // (unknown_subset): EDS must not send the client there.
+    assert_eq!(weights(&v2), vec![]);
+    assert!(
+        v2.gathered
+            .notes
+            .iter()
+            .any(|n| n.contains("cluster-2") && n.contains("no subset v2")),
+        "{:?}",
+        v2.gathered.notes
+    );
+    // Once cluster-2 defines the subset too, its v2 pod is behind its gateway.
+    let mut view = view;
+    let with_rule = format!(
+        "{CLUSTER_2}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {{name: httpbin, namespace: bar}}\nspec:\n  host: httpbin.bar.svc.cluster.local\n  \
+         subsets:\n  - {{name: v2, labels: {{version: v2}}}}\n"
+    );
+    let c2 = entry("cluster-2", &with_rule, None);
+    view.clusters.insert(c2.id.clone(), c2);
+    view.gateways = crate::gateways::resolve(&view, &opts.domain_suffix);
+    let (_, v2) = assignment(
+        "outbound|8000|v2|httpbin.bar.global",
+        &view,
+        "network1",
+        &opts,
+    );
     assert_eq!(
         weights(&v2),
         vec![(
@@ -448,7 +476,7 @@ fn unexported_remote_services_are_left_out() {
             .any(|n| n.contains("not exported"))
     );
     let all = EdsOptions {
-        require_export: false,
+        export_policy: ExportPolicy::All,
         ..EdsOptions::default()
     };
     let (_, explain) = assignment("outbound|8000||httpbin.bar.global", &view, "network1", &all);

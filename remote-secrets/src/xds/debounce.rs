@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::clusters::MeshView;
+use crate::view::MeshView;
 
 /// What xDS streams compute from: a numbered view.
 #[derive(Clone, Debug)]

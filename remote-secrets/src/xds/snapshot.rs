@@ -18,8 +18,8 @@ use registry::ServiceName;
 use registry::snapshot::{EndpointSet, ServiceInfo};
 
 use super::Generation;
-use crate::clusters::MeshView;
 use crate::eds::{self, EdsOptions};
+use crate::view::MeshView;
 
 /// One encoded `ClusterLoadAssignment`.
 #[derive(Debug, PartialEq, Eq)]

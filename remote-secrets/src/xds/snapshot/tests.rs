@@ -4,9 +4,9 @@ use registry::source::dir::snapshot_from_yaml;
 use tokio::time::Instant;
 
 use super::*;
-use crate::clusters::{ClusterEntry, ClusterSource};
-use crate::eds::{NetworkGateways, resolve_gateways};
 use crate::mesh_networks::MeshNetworks;
+use crate::view::NetworkGateways;
+use crate::view::{ClusterEntry, ClusterSource};
 
 const CLUSTER_1: &str = include_str!("../../../tests/fixtures/cluster-1/mesh.yaml");
 const CLUSTER_2: &str = include_str!("../../../tests/fixtures/cluster-2/mesh.yaml");
@@ -64,7 +64,7 @@ pub(crate) fn view(cluster_2: &str, web: bool) -> MeshView {
     ] {
         view.clusters.insert(e.id.clone(), e);
     }
-    view.gateways = resolve_gateways(&view, &EdsOptions::default());
+    view.gateways = crate::gateways::resolve(&view, &EdsOptions::default().domain_suffix);
     view
 }
 

@@ -271,7 +271,7 @@ fn a_large_delta_state_comes_in_parts_even_across_a_change() {
         share_unchanged(&s1.generation.view, {
             let mut v = httpbin_changed_view();
             let c2 = view_with(&many(700)).clusters["cluster-2"].clone();
-            let c2 = crate::clusters::ClusterEntry {
+            let c2 = crate::view::ClusterEntry {
                 snapshot: Arc::new({
                     let mut s = (*c2.snapshot).clone();
                     s.services.insert(
