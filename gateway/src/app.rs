@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::budget::PeekBudget;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Settings};
@@ -87,12 +88,16 @@ impl Gateway {
             routes.clone(),
             metrics.clone(),
             settings(&config),
+            PeekBudget::new(
+                config.max_peeking,
+                config.max_peeking_per_source,
+                metrics.peeking.clone(),
+            ),
+            config.max_connections.map(|n| Arc::new(Semaphore::new(n))),
         ));
         let work = Work::default();
-        let limit = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         for (i, listener) in listeners.into_iter().enumerate() {
-            let (proxy, limit, work) = (proxy.clone(), limit.clone(), work.clone());
-            let metrics = metrics.clone();
+            let (proxy, work) = (proxy.clone(), work.clone());
             let heartbeat = heartbeat_period(&config);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -109,7 +114,7 @@ impl Gateway {
                                 return;
                             }
                         };
-                        accept_loop(listener, proxy, limit, &work, metrics).await;
+                        accept_loop(listener, proxy, &work).await;
                         // This thread's connections run here: keep it until every one ended.
                         work.in_flight.wait().await;
                     })
@@ -288,13 +293,7 @@ fn defer_accept(listener: &std::net::TcpListener, peek_timeout: Duration) {
     let _ = (listener, peek_timeout);
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    limit: Option<Arc<Semaphore>>,
-    work: &Work,
-    metrics: Arc<Metrics>,
-) {
+async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, work: &Work) {
     loop {
         let accepted = tokio::select! {
             _ = work.stop_accepting.cancelled() => return,
@@ -309,21 +308,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = match &limit {
-            None => None,
-            Some(sem) => match sem.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    metrics.reject("max_connections", None);
-                    tracing::debug!(%peer, "refused: --max-connections reached");
-                    continue;
-                }
-            },
-        };
-        work.in_flight.spawn(
-            proxy
-                .clone()
-                .serve(stream, peer, work.force.clone(), permit),
-        );
+        work.in_flight
+            .spawn(proxy.clone().serve(stream, peer, work.force.clone()));
     }
 }

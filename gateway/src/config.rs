@@ -121,9 +121,20 @@ pub struct Config {
     #[serde(with = "duration_ms")]
     pub idle_timeout: Duration,
 
-    /// Most connections at once; further ones are closed at accept (default: no limit).
+    /// Most routed connections at once (taken once the ClientHello is read and routed, held
+    /// until the connection ends); further ones are refused (default: no limit).
     #[arg(long)]
     pub max_connections: Option<usize>,
+
+    /// Most connections still reading their ClientHello; further ones are closed at accept.
+    /// Slow clients hold a slot for at most --peek-timeout.
+    #[arg(long, default_value_t = 2048)]
+    pub max_peeking: usize,
+
+    /// Most connections from one source address still reading their ClientHello, so one slow
+    /// or hostile client cannot take the whole --max-peeking budget.
+    #[arg(long, default_value_t = 128)]
+    pub max_peeking_per_source: u32,
 
     /// Proxy threads, each with its own event loop and its own listener on --listen
     /// (SO_REUSEPORT: the kernel spreads connections over them), so a connection never wakes
@@ -166,6 +177,9 @@ impl Config {
         }
         if self.max_connections == Some(0) {
             p.push("--max-connections must be at least 1 (omit it for no limit)");
+        }
+        if self.max_peeking == 0 || self.max_peeking_per_source == 0 {
+            p.push("--max-peeking and --max-peeking-per-source must be at least 1");
         }
         let mut listeners = vec![("--listen", self.listen)];
         listeners.extend(self.listeners.named());

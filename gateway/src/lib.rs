@@ -22,6 +22,7 @@ pub mod admin;
 pub mod alert;
 pub mod app;
 pub mod balance;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod hello;

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub connect_failures: Family<ServiceLabels, Counter>,
     pub ejections: Family<ServiceLabels, Counter>,
     pub active: Gauge,
+    /// Connections still reading their ClientHello: the peek budget's own count.
+    pub peeking: Gauge,
     pub peek_seconds: Histogram,
     pub connect_seconds: Histogram,
     pub route_tables: Counter,
@@ -78,6 +80,7 @@ impl Metrics {
             connect_failures: Family::default(),
             ejections: Family::default(),
             active: Gauge::default(),
+            peeking: Gauge::default(),
             peek_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             route_tables: Counter::default(),
@@ -123,6 +126,11 @@ impl Metrics {
             "active_connections",
             "Connections open now",
             m.active.clone(),
+        );
+        r.register(
+            "peeking_connections",
+            "Connections reading their ClientHello now (bounded by --max-peeking)",
+            m.peeking.clone(),
         );
         r.register(
             "peek_duration_seconds",

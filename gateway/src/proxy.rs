@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use crate::alert::{self, AlertDescription};
 use crate::balance::{self, Backend, Ejection};
+use crate::budget::{ConnectionSlot, Exhausted, PeekBudget};
 use crate::clock;
 use crate::hello::{self, ClientHello, HelloError, Parsed};
 use crate::metrics::Metrics;
@@ -48,12 +49,23 @@ pub struct Proxy {
     pub routes: watch::Receiver<Arc<RouteTable>>,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
+    /// Connections still reading their ClientHello (--max-peeking[-per-source]).
+    pub peeking: Arc<PeekBudget>,
+    /// Routed connections (--max-connections).
+    pub connections: Option<Arc<Semaphore>>,
     next_id: AtomicU64,
 }
 
 /// Why a connection ended before it was spliced.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
+    #[error("{}; is one client opening many connections that send nothing?", match .0 {
+        Exhausted::Peeking => "too many connections are reading their ClientHello (--max-peeking)",
+        Exhausted::SourcePeeking => "this source has too many connections reading their ClientHello (--max-peeking-per-source)",
+    })]
+    PeekBudget(Exhausted),
+    #[error("--max-connections reached; raise it, or add gateway replicas")]
+    MaxConnections,
     #[error("no complete ClientHello within {0:?}")]
     PeekTimeout(Duration),
     #[error("client closed before sending a complete ClientHello")]
@@ -84,6 +96,8 @@ enum Failure {
 impl Failure {
     fn reason(&self) -> &'static str {
         match self {
+            Failure::PeekBudget(e) => e.reason(),
+            Failure::MaxConnections => "max_connections",
             Failure::PeekTimeout(_) => "peek_timeout",
             Failure::ClosedEarly => "closed_early",
             Failure::Hello(HelloError::NotTls) => "not_tls",
@@ -102,9 +116,9 @@ impl Failure {
                 Some(AlertDescription::DecodeError)
             }
             Failure::Rejected(r) => r.alert(),
-            Failure::ConnectFailed { .. } | Failure::LocalResources { .. } => {
-                Some(AlertDescription::InternalError)
-            }
+            Failure::ConnectFailed { .. }
+            | Failure::LocalResources { .. }
+            | Failure::MaxConnections => Some(AlertDescription::InternalError),
             _ => None,
         }
     }
@@ -125,17 +139,21 @@ impl Proxy {
         routes: watch::Receiver<Arc<RouteTable>>,
         metrics: Arc<Metrics>,
         settings: Settings,
+        peeking: Arc<PeekBudget>,
+        connections: Option<Arc<Semaphore>>,
     ) -> Proxy {
         Proxy {
             routes,
             metrics,
             settings,
+            peeking,
+            connections,
             next_id: AtomicU64::new(1),
         }
     }
 
     /// Serve one accepted connection to its end. `stop` closes it early (termination deadline).
-    /// `permit` (of `--max-connections`) is held until the connection ends. A plain function
+    /// A plain function
     /// returning the one future, so no wrapper future keeps a second copy of the arguments
     /// for the connection's whole life.
     pub fn serve(
@@ -143,7 +161,6 @@ impl Proxy {
         mut client: TcpStream,
         peer: SocketAddr,
         stop: CancellationToken,
-        permit: Option<OwnedSemaphorePermit>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Debug level: at the default level a span would cost every open connection its
@@ -156,12 +173,15 @@ impl Proxy {
             // Boxed: the routing phase's futures (peek and connect, with their timers) are
             // larger than the copy phase's, and an unboxed state would keep that size for the
             // whole life of every connection.
-            let routed = match Box::pin(self.route(&mut client, peer)).await {
+            let (routed, permit) = match Box::pin(self.route(&mut client, peer)).await {
                 Ok(r) => r,
                 // Boxed too, for the same reason: its alert write and timer would otherwise have
                 // their own room in every connection's state.
                 Err(failure) => return Box::pin(self.refuse(client, failure)).await,
             };
+            // Its place under --max-connections until the block ends, in 8 bytes of this state
+            // rather than a permit's 16 (the state's budget is in the test below).
+            let _slot = ConnectionSlot::hold(permit, self.connections.as_deref());
             let counters = self.metrics.service(&routed.service);
             self.metrics.active.inc();
             counters.opened.inc();
@@ -196,8 +216,6 @@ impl Proxy {
                 error = ended.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
                 "connection"
             );
-            // Held (by the block) until here: the connection's place under --max-connections.
-            drop(permit);
         }
         .instrument(span)
     }
@@ -217,14 +235,21 @@ impl Proxy {
     }
 
     /// Everything before the splice. On success the peeked bytes are already replayed.
-    async fn route(&self, client: &mut TcpStream, peer: SocketAddr) -> Result<Routed, Failure> {
+    /// With the connection's place under --max-connections, if there is a limit.
+    async fn route(
+        &self,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(Routed, Option<OwnedSemaphorePermit>), Failure> {
         self.metrics.accepted.inc();
         self.routes.borrow().admit_source(peer.ip())?;
+        let peeking = self.peeking.enter(peer.ip()).map_err(Failure::PeekBudget)?;
         let _ = client.set_nodelay(true);
         let started = Instant::now();
         let (peeked, hello) = tokio::time::timeout(self.settings.peek_timeout, read_hello(client))
             .await
             .map_err(|_| Failure::PeekTimeout(self.settings.peek_timeout))??;
+        drop(peeking);
         self.metrics
             .peek_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -234,18 +259,30 @@ impl Proxy {
         let table = self.routes.borrow().clone();
         let route = table.decide(&hello)?;
         span.record("service", field::display(&route.service));
+        let permit = match &self.connections {
+            None => None,
+            Some(limit) => Some(
+                limit
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Failure::MaxConnections)?,
+            ),
+        };
         let (upstream, backend) = self.connect(&route, &peeked).await?;
         // Keep only what the access log needs: not the whole parsed hello, nor the route's
         // endpoint list.
-        Ok(Routed {
-            upstream,
-            service: route.service,
-            subset: route.subset,
-            sni: hello.sni.map(String::into_boxed_str),
-            endpoint: backend.addr,
-            _active: backend.state.open(),
-            pod: backend.pod,
-        })
+        Ok((
+            Routed {
+                upstream,
+                service: route.service,
+                subset: route.subset,
+                sni: hello.sni.map(String::into_boxed_str),
+                endpoint: backend.addr,
+                _active: backend.state.open(),
+                pod: backend.pod,
+            },
+            permit,
+        ))
     }
 
     /// Connect to a ready endpoint and replay the ClientHello; on failure try up to
@@ -386,6 +423,7 @@ async fn read_hello(client: &mut TcpStream) -> Result<(Vec<u8>, ClientHello), Fa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::gauge::Gauge;
 
     /// Every open connection is one tokio task holding this future. Tokio adds about 104
     /// bytes of its own and aligns the task to 128; jemalloc then serves it from a size class
@@ -419,8 +457,9 @@ mod tests {
                 max: Duration::from_secs(1),
             },
         };
-        let proxy = Arc::new(Proxy::new(routes, metrics, settings));
-        let serve = proxy.serve(client, addr, CancellationToken::new(), None);
+        let budget = PeekBudget::new(1, 1, Gauge::default());
+        let proxy = Arc::new(Proxy::new(routes, metrics, settings, budget, None));
+        let serve = proxy.serve(client, addr, CancellationToken::new());
         let size = std::mem::size_of_val(&serve);
         assert!(
             size <= 920,

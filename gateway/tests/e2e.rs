@@ -815,3 +815,134 @@ async fn openssl_s_client_reaches_the_pod() {
     .unwrap();
     assert_eq!(stdout.trim(), "pod=httpbin-a", "stderr: {stderr}");
 }
+
+/// A connection from `source` (a 127.0.0.x address) to the gateway.
+async fn connect_from(source: [u8; 4], gw: &Gateway) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    socket.connect(gw.proxy_addr).await.unwrap()
+}
+
+/// A client that starts a ClientHello and stops after its first byte (one that sends nothing
+/// at all is not even accepted: the listener uses TCP_DEFER_ACCEPT).
+async fn dribbler(source: [u8; 4], gw: &Gateway) -> TcpStream {
+    let mut s = connect_from(source, gw).await;
+    s.write_all(&[0x16]).await.unwrap();
+    s
+}
+
+/// Closed by the gateway without a byte (within a few seconds, far inside --peek-timeout).
+async fn closed_silently(mut s: TcpStream) -> bool {
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn silent_clients_cannot_take_the_peek_budget_from_good_ones() {
+    let eps = pods_on_one_port(&[([127, 0, 6, 21], "budget-1", "v1")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        service_yaml("bar", "budget", true, &eps),
+    )
+    .unwrap();
+    let gw = start_gateway(dir.path(), |c| {
+        c.peek_timeout = Duration::from_secs(60);
+        c.max_peeking = 5;
+        c.max_peeking_per_source = 3;
+    })
+    .await;
+    let sni = "outbound_.8000_._.budget.bar.global";
+    // Three dribbling connections from one source take its whole share...
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(dribbler([127, 0, 7, 1], &gw).await);
+    }
+    let counted = |m: &str, reason: &str, n: u32| {
+        m.contains(&format!(
+            "gateway_rejected_connections_total{{reason=\"{reason}\",service=\"\"}} {n}"
+        ))
+    };
+    let peeking = |n: u32| {
+        let gw = &gw;
+        move || async move {
+            let (_, m) = http_get(gw.metrics_addr, "/metrics").await;
+            m.contains(&format!("gateway_peeking_connections {n}\n"))
+        }
+    };
+    eventually("three peeking", peeking(3)).await;
+    // ... so a fourth from it is closed at once, and counted,
+    assert!(closed_silently(dribbler([127, 0, 7, 1], &gw).await).await);
+    let (_, m) = http_get(gw.metrics_addr, "/metrics").await;
+    assert!(counted(&m, "source_peek_budget", 1), "{m}");
+    // while a good client elsewhere still gets through.
+    let tls = client_config(provider(), &["istio"]);
+    let good = connect_from([127, 0, 7, 9], &gw).await;
+    assert_eq!(call(good, sni, tls.clone()).await.unwrap(), "pod=budget-1");
+
+    // Two more dribbling sources fill the whole budget: then even a good client waits its turn
+    // (closed, counted), and is served again as soon as the silent ones leave.
+    silent.push(dribbler([127, 0, 7, 2], &gw).await);
+    silent.push(dribbler([127, 0, 7, 3], &gw).await);
+    eventually("five peeking", peeking(5)).await;
+    assert!(closed_silently(dribbler([127, 0, 7, 9], &gw).await).await);
+    let (_, m) = http_get(gw.metrics_addr, "/metrics").await;
+    assert!(counted(&m, "peek_budget", 1), "{m}");
+    drop(silent);
+    let gw = &gw;
+    eventually("a good call after the silent ones left", move || {
+        let tls = tls.clone();
+        async move {
+            let s = connect_from([127, 0, 7, 1], gw).await;
+            call(s, sni, tls).await.is_ok()
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_connections_counts_routed_connections_and_refuses_with_an_alert() {
+    let eps = pods_on_one_port(&[([127, 0, 6, 22], "limit-1", "v1")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        service_yaml("bar", "limit", true, &eps),
+    )
+    .unwrap();
+    let gw = start_gateway(dir.path(), |c| c.max_connections = Some(1)).await;
+    let sni = "outbound_.8000_._.limit.bar.global";
+    let tls = client_config(provider(), &["istio"]);
+
+    // A connection still sending its ClientHello is not routed: it does not count.
+    let _silent = dribbler([127, 0, 7, 20], &gw).await;
+    // One open call holds the only place...
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let tcp = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut held = TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut byte = [0u8];
+    held.read_exact(&mut byte).await.unwrap();
+    // ... so the next is refused with an alert,
+    let e = call_gw(&gw, sni).await.unwrap_err();
+    assert_eq!(
+        alert_of(&e),
+        Some(rustls::AlertDescription::InternalError),
+        "{e}"
+    );
+    let (_, m) = http_get(gw.metrics_addr, "/metrics").await;
+    assert!(
+        m.contains("gateway_rejected_connections_total{reason=\"max_connections\",service=\"\"} 1"),
+        "{m}"
+    );
+    // and served once the first ends.
+    drop(held);
+    eventually("the place given back", || async {
+        call_gw(&gw, sni).await.is_ok()
+    })
+    .await;
+}
