@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-const EDS_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+use remote_secrets::xds::EDS_TYPE;
 
 /// EDS at scale: N services x 3 file-backed clusters x E endpoints, S Delta xDS streams; prints
 /// start-to-first-push, memory, change-to-update latency and CPU per change as one JSON object.

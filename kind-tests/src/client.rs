@@ -15,12 +15,11 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
+use remote_secrets::xds::EDS_TYPE;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_rustls::TlsConnector;
-
-const EDS_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -314,7 +313,7 @@ mod tests {
 
     #[test]
     fn greeting_round_trips() {
-        let g = crate::echo::greeting("httpbin-v1", "cluster-2");
+        let g = crate::mesh::echo::greeting("httpbin-v1", "cluster-2");
         assert_eq!(
             parse_greeting(&g),
             Some(Answer {

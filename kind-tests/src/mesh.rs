@@ -1,12 +1,16 @@
-//! A multi-cluster mesh made of real processes: the layout of each cluster, the YAML each one
-//! reads (Kubernetes shapes), the meshNetworks file, and the processes (gateway, dns,
-//! remote-secrets, echo pods), optionally inside a network namespace.
+//! What the demo and the two-cluster tests share: a multi-cluster mesh made of real
+//! processes. The layout of each cluster, the YAML each one reads (Kubernetes shapes), the
+//! meshNetworks file, and the processes (gateway, dns, remote-secrets), optionally inside a
+//! network namespace; the certificates ([`pki`]) and the echo pods ([`echo`]).
+
+pub mod echo;
+pub mod pki;
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const GATEWAY_PORT: u16 = 15443;
 pub const XDS_PORT: u16 = 15010;
@@ -296,18 +300,6 @@ pub fn control_args(
         a.push(format!("{id}={}", dir.display()));
     }
     a
-}
-
-/// Poll `f` until it is true or `limit` passes.
-pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        if Instant::now() > deadline {
-            anyhow::bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// A blocking HTTP/1.1 GET: (status, body). For readiness, metrics and debug endpoints.

@@ -186,7 +186,7 @@ pub enum LogFormat {
 }
 
 /// How the binary logs (the filter is `RUST_LOG`, default `info`).
-#[derive(clap::Args, Debug, Clone, Serialize)]
+#[derive(clap::Args, Debug, Clone, Default, Serialize)]
 pub struct LogFlags {
     /// Log lines on stderr: plain text, or one JSON object per line. Which lines: RUST_LOG
     /// (default info).

@@ -16,10 +16,8 @@
 //! `admission` the rules a gateway admits a connection by (export policy, ready endpoints of a
 //! port and subset), which the EDS server applies to remote clusters too.
 
-pub mod admin;
 pub mod admission;
 pub mod cidr;
-pub mod cli;
 pub mod naming;
 pub mod objects;
 pub mod snapshot;

@@ -8,7 +8,7 @@ use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use registry::admin::json_response;
+use process_shell::admin::json_response;
 use registry::naming::ClusterName;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;

@@ -2,7 +2,7 @@
 //! `pod=<name> cluster=<id>`, then echoes.
 
 use clap::Parser;
-use kind_tests::pki::Identity;
+use kind_tests::mesh::pki::Identity;
 
 /// A TLS echo "pod" for tests and demos: verifies the client certificate against the shared
 /// root, greets with `pod=<name> cluster=<id>`, then echoes.
@@ -26,10 +26,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    registry::admin::init_logging(registry::admin::LogFormat::Plain);
-    let tls = kind_tests::pki::server_config(&Identity { dir: args.identity })?;
+    process_shell::logging::init_logging(&process_shell::LogFlags::default(), "info");
+    let tls = kind_tests::mesh::pki::server_config(&Identity { dir: args.identity })?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, pod = %args.pod, "echo pod ready");
-    kind_tests::echo::serve(listener, tls, args.pod, args.cluster).await?;
+    kind_tests::mesh::echo::serve(listener, tls, args.pod, args.cluster).await?;
     Ok(())
 }

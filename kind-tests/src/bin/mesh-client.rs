@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
 use kind_tests::client::{CallOptions, run};
-use kind_tests::pki::{Identity, client_config};
+use kind_tests::mesh::pki::{Identity, client_config};
 
 /// The sidecar stand-in: `call` resolves a .global name, asks xDS for its endpoints, opens
 /// mutual TLS with Istio's SNI and prints the path as JSON; `get` and `connect` are probes.

@@ -15,9 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use kind_tests::client::PathReport;
-use kind_tests::mesh::{self, ClusterLayout, Pod, Process, ServiceSpec, wait_until};
-use kind_tests::netns::{self, Topology, wan_addr};
-use kind_tests::pki;
+use kind_tests::mesh::{self, ClusterLayout, Pod, Process, ServiceSpec, pki};
+use kind_tests::two_clusters::{self, Topology, wan_addr};
+use testkit::poll_until_blocking;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -298,7 +298,7 @@ fn start() -> Mesh {
     }
     for i in 0..2 {
         for addr in [m.clusters[i].gateway, ip(DNS), ip(CONTROL)] {
-            let ok = wait_until("readiness", Duration::from_secs(30), || m.ready(i, addr));
+            let ok = poll_until_blocking("readiness", Duration::from_secs(30), || m.ready(i, addr));
             assert!(
                 ok.is_ok(),
                 "cluster-{} {addr} not ready:\n{}",
@@ -312,21 +312,23 @@ fn start() -> Mesh {
 
 /// Retry a batch of calls until `check` holds (the remote view follows config within a
 /// debounce and a poll), then return it.
-fn eventually(
+fn calls_until(
     m: &Mesh,
     what: &str,
     f: impl Fn() -> PathReport,
     check: impl Fn(&PathReport) -> bool,
 ) -> PathReport {
     let mut last = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
+    let waited = poll_until_blocking(what, Duration::from_secs(20), || {
         let r = f();
         if check(&r) {
-            return r;
+            return Some(r);
         }
         last = Some(r);
-        std::thread::sleep(Duration::from_millis(200));
+        None
+    });
+    if let Ok(r) = waited {
+        return r;
     }
     let host = last.as_ref().map(|r| r.host.clone()).unwrap_or_default();
     let admin = SocketAddr::new(ip(CONTROL), mesh::ADMIN_PORT).to_string();
@@ -351,14 +353,14 @@ fn gateway_of(m: &Mesh, i: usize) -> SocketAddr {
 
 #[test]
 fn two_clusters_on_separate_networks() {
-    if !netns::require_or_skip("two_clusters_on_separate_networks") {
+    if !two_clusters::require_or_skip("two_clusters_on_separate_networks") {
         return;
     }
     let mut m = start();
     let gw2 = gateway_of(&m, 1);
 
     // 1. helloworld runs only in cluster-2: cluster-1 reaches it through cluster-2's gateway.
-    let r = eventually(
+    let r = calls_until(
         &m,
         "helloworld via cluster-2's gateway",
         || m.call("helloworld.sample.global", None, None, 12),
@@ -402,7 +404,7 @@ fn two_clusters_on_separate_networks() {
     );
 
     // 4. httpbin in both clusters: traffic splits by the EDS weights (1 local : 2 remote).
-    let r = eventually(
+    let r = calls_until(
         &m,
         "httpbin split view",
         || m.call("httpbin.bar.global", None, None, 90),
@@ -457,7 +459,7 @@ fn two_clusters_on_separate_networks() {
                 ],
             );
             let mut via_stub = String::new();
-            let _ = wait_until("dnsmasq answers", Duration::from_secs(10), || {
+            let _ = poll_until_blocking("dnsmasq answers", Duration::from_secs(10), || {
                 via_stub = m.client(
                     0,
                     &[
@@ -491,7 +493,7 @@ fn two_clusters_on_separate_networks() {
         .collect();
     m.write_config(1, &fewer);
     m.stop("cluster-2-helloworld-v1");
-    let r = eventually(
+    let r = calls_until(
         &m,
         "the gateway weight to drop to 1",
         || m.call("helloworld.sample.global", None, None, 6),
@@ -523,7 +525,7 @@ fn two_clusters_on_separate_networks() {
         .collect();
     m.write_config(1, &none);
     let started = std::time::Instant::now();
-    let r = eventually(
+    let r = calls_until(
         &m,
         "no endpoint for helloworld",
         || m.call("helloworld.sample.global", None, None, 1),

@@ -6,12 +6,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 use rustls::RootCertStore;
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use testkit::tls::ServiceIdentityVerifier;
 
 /// Files of one workload identity: `cert-chain.pem` (leaf, then the cluster's intermediate),
 /// `key.pem`, `root-cert.pem`.
@@ -118,13 +116,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// A sidecar-like client: presents its identity, verifies the server against the shared root
 /// and the expected service name (`<svc>.<ns>.svc.cluster.local`), whatever SNI it sends.
 pub fn client_config(id: &Identity, expect: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let verifier =
-        WebPkiServerVerifier::builder_with_provider(roots(&id.root())?, provider()).build()?;
-    let expect = ServerName::try_from(expect.to_string())?;
+    let verifier = ServiceIdentityVerifier::new(roots(&id.root())?, provider(), expect)?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServiceIdentity { verifier, expect }))
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(
             certs(&id.cert_chain())?,
             PrivateKeyDer::from_pem_file(id.key())?,
@@ -144,43 +140,4 @@ pub fn server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerConfig>>
             PrivateKeyDer::from_pem_file(id.key())?,
         )?;
     Ok(Arc::new(config))
-}
-
-#[derive(Debug)]
-struct ServiceIdentity {
-    verifier: Arc<WebPkiServerVerifier>,
-    expect: ServerName<'static>,
-}
-
-impl ServerCertVerifier for ServiceIdentity {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _sni: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.verifier
-            .verify_server_cert(end_entity, intermediates, &self.expect, ocsp, now)
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verifier.verify_tls12_signature(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verifier.verify_tls13_signature(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.verifier.supported_verify_schemes()
-    }
 }

@@ -1,6 +1,7 @@
-//! Network namespaces for multi-cluster tests: one per cluster, each its own network stack
-//! with pod addresses on its `lo`, joined only by a "WAN" namespace whose bridge carries the
-//! gateways' addresses. Every namespace and link is removed on drop.
+//! The network of the two-cluster tests (`tests/two_clusters.rs`): network namespaces, one per
+//! cluster, each its own network stack with pod addresses on its `lo`, joined only by a "WAN"
+//! namespace whose bridge carries the gateways' addresses. Every namespace and link is removed
+//! on drop.
 //!
 //! ```text
 //!   <p>c1 (cluster-1)                <p>wan                 <p>c2 (cluster-2)
