@@ -4,7 +4,6 @@
 //! ServiceEntries created, changed and deleted there change the answers; a killed API server
 //! leaves the last answers serving; readiness waits for the first full list.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::{Value, json};
 use testkit::FakeApiServer;
+use testkit::eventually_within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -108,22 +108,6 @@ async fn ready(dns: &Dns) -> bool {
     http_get(dns.status_addr, "/healthz/ready").await.0 == 200
 }
 
-/// Poll `check` until it holds; the deadline only bounds a hung test.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: still not true after {CONVERGE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn service_entries_on_the_api_server_are_answered() {
     let fake = FakeApiServer::start().await;
@@ -135,7 +119,7 @@ async fn service_entries_on_the_api_server_are_answered() {
     ));
     let dir = tempfile::tempdir().unwrap();
     let dns = start(&fake, &dir, &[]).await;
-    eventually("ready", || ready(&dns)).await;
+    eventually_within("ready", CONVERGE, || ready(&dns)).await;
     assert_eq!(
         a(dns.dns_addr, HTTPBIN).await,
         (ResponseCode::NoError, vec!["240.0.0.2".to_string()])
@@ -162,14 +146,14 @@ async fn service_entries_on_the_api_server_are_answered() {
         "httpbin.bar.global",
         &["240.0.0.3"],
     ));
-    eventually("the modified address is answered", || async {
+    eventually_within("the modified address is answered", CONVERGE, || async {
         addrs(&dns, HTTPBIN).await == ["240.0.0.3"]
     })
     .await;
 
     // Create one without addresses: a VIP from --vip-range.
     fake.apply(service_entry("bar", "reviews", "reviews.bar.global", &[]));
-    eventually("a VIP for the new entry", || async {
+    eventually_within("a VIP for the new entry", CONVERGE, || async {
         let got = addrs(&dns, REVIEWS).await;
         got.len() == 1 && got[0].starts_with("240.240.")
     })
@@ -182,7 +166,7 @@ async fn service_entries_on_the_api_server_are_answered() {
         "bar",
         "httpbin-bar",
     );
-    eventually("the deleted entry is NXDOMAIN", || async {
+    eventually_within("the deleted entry is NXDOMAIN", CONVERGE, || async {
         a(dns.dns_addr, HTTPBIN).await.0 == ResponseCode::NXDomain
     })
     .await;
@@ -203,13 +187,13 @@ async fn a_lost_api_server_keeps_answers_then_catches_up() {
     ));
     let dir = tempfile::tempdir().unwrap();
     let dns = start(&fake, &dir, &[]).await;
-    eventually("answered", || async {
+    eventually_within("answered", CONVERGE, || async {
         addrs(&dns, HTTPBIN).await == ["240.0.0.2"]
     })
     .await;
 
     fake.kill();
-    eventually("stale in metrics", || async {
+    eventually_within("stale in metrics", CONVERGE, || async {
         let (_, m) = http_get(dns.metrics_addr, "/metrics").await;
         m.lines()
             .any(|l| l.starts_with("kube_source_stale_since_seconds{") && !l.ends_with(" 0"))
@@ -233,7 +217,7 @@ async fn a_lost_api_server_keeps_answers_then_catches_up() {
         &["240.0.0.9"],
     ));
     fake.restart().await;
-    eventually("caught up", || async {
+    eventually_within("caught up", CONVERGE, || async {
         addrs(&dns, HTTPBIN).await == ["240.0.0.9"]
     })
     .await;
@@ -261,7 +245,7 @@ async fn not_ready_until_the_first_full_list() {
     assert!(addrs(&dns, HTTPBIN).await.is_empty());
 
     fake.restart().await;
-    eventually("ready", || ready(&dns)).await;
+    eventually_within("ready", CONVERGE, || ready(&dns)).await;
     assert_eq!(addrs(&dns, HTTPBIN).await, ["240.0.0.2"]);
 
     // Draining: 503 and it stays so, answers continue until shutdown.
@@ -288,7 +272,7 @@ async fn watch_namespace_limits_what_is_read() {
     ));
     let dir = tempfile::tempdir().unwrap();
     let dns = start(&fake, &dir, &["bar"]).await;
-    eventually("ready", || ready(&dns)).await;
+    eventually_within("ready", CONVERGE, || ready(&dns)).await;
     assert_eq!(addrs(&dns, HTTPBIN).await, ["240.0.0.2"]);
     assert_eq!(
         a(dns.dns_addr, REVIEWS).await.0,

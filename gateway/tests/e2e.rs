@@ -7,17 +7,17 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gateway::hello::{Parsed, parse_client_hello};
 use gateway::{Config, Gateway};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ActiveKeyExchange, CryptoProvider, SharedSecret, SupportedKxGroup};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, NamedGroup, RootCertStore, SignatureScheme};
+use rustls::{NamedGroup, RootCertStore};
+use testkit::eventually;
+use testkit::tls::ServiceIdentityVerifier;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -87,55 +87,17 @@ fn roots() -> Arc<RootCertStore> {
     Arc::new(r)
 }
 
-/// Verifies the server against the shared root and its service identity, whatever SNI the
-/// client sent, as an Istio sidecar does (the SNI names a route, not the certificate).
-#[derive(Debug)]
-struct MeshVerifier(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for MeshVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _sni: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let identity = ServerName::try_from("httpbin.bar.svc.cluster.local").unwrap();
-        self.0
-            .verify_server_cert(end_entity, intermediates, &identity, ocsp, now)
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
 fn client_config(provider: Arc<CryptoProvider>, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots(), provider.clone())
-        .build()
-        .unwrap();
+    // As an Istio sidecar checks it: the shared root and the service identity, whatever SNI.
+    let verifier =
+        ServiceIdentityVerifier::new(roots(), provider.clone(), "httpbin.bar.svc.cluster.local")
+            .unwrap();
     let (chain, key) = &pki().client;
     let mut c = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(MeshVerifier(verifier)))
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain.clone(), key_der(key))
         .unwrap();
     c.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
@@ -305,18 +267,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|x| x.1.to_string())
         .unwrap_or_default();
     (code, body)
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Writes at most one byte per write, with a pause, so the gateway sees the ClientHello arrive

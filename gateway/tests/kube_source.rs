@@ -14,6 +14,7 @@ use std::time::Duration;
 use gateway::{Config, Gateway};
 use serde_json::{Value, json};
 use testkit::FakeApiServer;
+use testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -106,22 +107,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let code = out[9..12].parse().unwrap();
     let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string());
     (code, body.unwrap_or_default())
-}
-
-/// Poll until `f` holds; the deadline only bounds a hung test.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn slice(eps: &[(SocketAddr, &str)]) -> Value {

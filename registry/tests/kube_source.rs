@@ -11,20 +11,8 @@ use registry::objects::Kind;
 use registry::source::kube::{KubeSource, KubeSourceConfig, Metrics, SecretSelector};
 use serde_json::{Value, json};
 use testkit::FakeApiServer;
+use testkit::eventually;
 use testkit::fake_apiserver::Options;
-
-/// Poll until `f` holds, or fail after a generous deadline (no timed assertion: the deadline
-/// only bounds a hung test).
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn service(ns: &str, name: &str, port: u16) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",

@@ -2,24 +2,12 @@
 //! `testkit`'s fake API servers stand in for real ones (none can run here). The local one holds
 //! the kubeconfig Secret of the remote one; the real kube-rs client watches both.
 
-use std::time::Duration;
-
 use base64::Engine;
 use remote_secrets::app::App;
 use remote_secrets::config::ServeConfig;
 use serde_json::json;
 use testkit::FakeApiServer;
-
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use testkit::eventually;
 
 fn httpbin(fake: &FakeApiServer, ips: &[&str]) {
     fake.apply(json!({"apiVersion": "v1", "kind": "Service",

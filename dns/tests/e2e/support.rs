@@ -1,15 +1,16 @@
 //! Starting the server in-process, real UDP and TCP queries (encoded with hickory-proto), a
 //! minimal HTTP GET, and polling with a deadline.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dns::{Config, Dns};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
+/// Poll `check` until it holds, or fail after `within` (the workspace's one implementation).
+pub use testkit::eventually_within as eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -180,25 +181,6 @@ pub fn a_records(m: &Message) -> Vec<String> {
             _ => None,
         })
         .collect()
-}
-
-/// Poll `check` until it holds, or fail after `within`.
-pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still not true after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `GET path` over HTTP/1.1; (status, body).

@@ -1,5 +1,4 @@
 use std::sync::Mutex;
-use std::time::Duration;
 
 use registry::snapshot::Labels;
 use registry::source::dir::snapshot_from_yaml;
@@ -9,6 +8,7 @@ use super::*;
 use crate::eds::EdsOptions;
 use crate::kubeconfig::tests::istioctl_kubeconfig;
 use crate::mesh_networks::MeshNetworks;
+use testkit::eventually;
 
 fn secret(data: &[(&str, String)], multicluster: bool) -> SecretInfo {
     let mut labels = Labels::new();
@@ -191,20 +191,6 @@ impl RemoteConnector for FakeConnector {
             .unwrap()
             .insert(client.server.clone(), w);
         Ok(h)
-    }
-}
-
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
