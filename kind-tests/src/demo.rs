@@ -80,13 +80,7 @@ fn layout(n: u8) -> ClusterLayout {
 }
 
 fn pod(name: &str, ns: &str, service: &str, version: &str, addr: &str) -> Pod {
-    Pod {
-        name: name.into(),
-        namespace: ns.into(),
-        service: service.into(),
-        version: version.into(),
-        ip: ip(addr),
-    }
+    Pod::new(name, ns, service, version, ip(addr))
 }
 
 fn services() -> [ServiceSpec; 2] {

@@ -53,6 +53,19 @@ pub struct Pod {
     pub ip: IpAddr,
 }
 
+impl Pod {
+    /// A pod of `service` in namespace `ns`, labelled `version`, at `ip`.
+    pub fn new(name: &str, ns: &str, service: &str, version: &str, ip: IpAddr) -> Pod {
+        Pod {
+            name: name.into(),
+            namespace: ns.into(),
+            service: service.into(),
+            version: version.into(),
+            ip,
+        }
+    }
+}
+
 /// A service that exists somewhere in the mesh.
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {

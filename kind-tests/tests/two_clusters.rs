@@ -41,13 +41,7 @@ fn services() -> Vec<ServiceSpec> {
 }
 
 fn pod(name: &str, ns: &str, service: &str, version: &str, addr: &str) -> Pod {
-    Pod {
-        name: name.into(),
-        namespace: ns.into(),
-        service: service.into(),
-        version: version.into(),
-        ip: ip(addr),
-    }
+    Pod::new(name, ns, service, version, ip(addr))
 }
 
 /// Overlapping pod addresses: cluster-1's httpbin and cluster-2's helloworld-v1 are both
