@@ -151,10 +151,12 @@ impl App {
             local.clone(),
             local_health,
         );
-        // File-backed remotes: a vanished directory marks the cluster stale.
+        // File-backed remotes: a vanished directory marks the cluster stale. Their pollers run
+        // until termination ends them, with the local source.
+        let mut dir_watchers = Vec::new();
         for r in &config.remote_config_dirs {
             let (handle, t) = watch_dir(r.dir.clone(), config.source.config_poll).await?;
-            tasks.push(t);
+            dir_watchers.push(t);
             let health = dir_health(r.dir.clone(), config.source.config_poll, stop.clone());
             clusters.attach(
                 &r.cluster_id,
@@ -262,6 +264,9 @@ impl App {
                 async move {
                     stop.cancel();
                     source.shutdown().await;
+                    for w in dir_watchers {
+                        w.abort();
+                    }
                 }
             },
         );

@@ -9,7 +9,9 @@
 //!
 //! Each stream is one task: it reads requests and watches its network's snapshots, feeds both
 //! to the sans-IO protocol state in `stream.rs` (which compares per-resource versions with what
-//! it sent), and writes the answers. Only EDS (`ClusterLoadAssignment`) is served; other types on
+//! it sent), and writes the answers. One loop serves both protocols (`run_stream`); they differ
+//! only in the `Protocol` they implement. When the server drains, every stream ends, between
+//! two pushes, with UNAVAILABLE, which clients retry elsewhere. Only EDS (`ClusterLoadAssignment`) is served; other types on
 //! ADS are logged once and ignored.
 
 pub mod debounce;
@@ -21,6 +23,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -45,7 +48,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 pub use debounce::Generation;
 pub use feeds::{Feed, Feeds};
 pub use snapshot::NetworkSnapshot;
-pub use stream::{DeltaStream, EDS_TYPE, Event, SotwStream};
+pub use stream::{DeltaStream, EDS_TYPE, Event, Protocol, SotwStream};
 
 use crate::eds::EdsOptions;
 use crate::metrics::XdsMetrics;
@@ -98,31 +101,18 @@ impl XdsService {
         }
     }
 
-    fn sotw(
+    /// Start one stream's task; its responses are the returned stream.
+    fn stream<P: Protocol>(
         &self,
-        requests: Streaming<DiscoveryRequest>,
+        requests: Streaming<P::Request>,
         peer: Option<SocketAddr>,
         api: &'static str,
-    ) -> BoxStream<DiscoveryResponse> {
-        let (tx, rx) = mpsc::channel(4);
+    ) -> BoxStream<P::Response> {
+        let (tx, rx) = mpsc::channel(P::QUEUE);
         let inner = self.inner.clone();
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("xds", id, api, peer = ?peer);
-        tokio::spawn(run_sotw(inner, requests, tx).instrument(span));
-        Box::pin(ReceiverStream::new(rx))
-    }
-
-    fn delta(
-        &self,
-        requests: Streaming<DeltaDiscoveryRequest>,
-        peer: Option<SocketAddr>,
-        api: &'static str,
-    ) -> BoxStream<DeltaDiscoveryResponse> {
-        let (tx, rx) = mpsc::channel(2);
-        let inner = self.inner.clone();
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let span = info_span!("xds", id, api, peer = ?peer);
-        tokio::spawn(run_delta(inner, requests, tx).instrument(span));
+        tokio::spawn(run_stream::<P>(inner, requests, tx).instrument(span));
         Box::pin(ReceiverStream::new(rx))
     }
 }
@@ -187,69 +177,28 @@ async fn next_snapshot(feed: &mut Option<Feed>) -> Option<Option<Arc<NetworkSnap
     }
 }
 
-async fn run_sotw(
-    inner: Arc<Inner>,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) {
-    let _guard = StreamGuard::new(&inner.metrics, "sotw");
-    let opts = inner.feeds.options().clone();
-    let mut feed = None;
-    let mut network = None;
-    let mut state = SotwStream::default();
-    let mut warned_types = std::collections::BTreeSet::new();
-    info!("stream opened");
-    loop {
-        let response = tokio::select! {
-            _ = inner.stop.cancelled() => break,
-            _ = tx.closed() => break,
-            req = requests.next() => {
-                let req = match req {
-                    None => break,
-                    Some(Err(status)) => { debug!(%status, "stream ended by the client"); break }
-                    Some(Ok(r)) => r,
-                };
-                if !stream::is_eds(&req.type_url) {
-                    if warned_types.insert(req.type_url.clone()) {
-                        info!(type_url = %req.type_url, "this server serves only EDS; requests for this type are ignored");
-                    }
-                    log_event(&inner, "sotw", &Event::OtherType(req.type_url.clone()), network.as_deref());
-                    continue;
-                }
-                let Some(snap) = snapshot_for(&inner, &mut feed, &mut network, req.node.as_ref()).await else { break };
-                let (event, response) = state.on_request(&req, &snap, &opts);
-                log_event(&inner, "sotw", &event, network.as_deref());
-                response.map(|r| (r, snap))
-            }
-            s = next_snapshot(&mut feed) => {
-                let Some(s) = s else { break };
-                s.and_then(|snap| state.on_generation(&snap, &opts).map(|r| (r, snap)))
-            }
-        };
-        if let Some((response, snap)) = response {
-            inner
-                .metrics
-                .pushed("sotw", snap.generation.published.elapsed());
-            if tx.send(Ok(response)).await.is_err() {
-                break;
-            }
-        }
-    }
-    info!("stream closed");
+/// Ends every stream when the server drains: a status gRPC clients and Envoy retry, on another
+/// replica once this one has left the Service's endpoints (as istiod does on shutdown).
+pub fn draining_status() -> Status {
+    Status::unavailable("this control plane replica is shutting down; reconnect to another")
 }
 
-async fn run_delta(
+/// One stream, either protocol: requests and new snapshots in, responses out. Stopping is
+/// looked at only between two responses, so a push is never cut in the middle.
+async fn run_stream<P: Protocol>(
     inner: Arc<Inner>,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut requests: Streaming<P::Request>,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
-    let _guard = StreamGuard::new(&inner.metrics, "delta");
+    let kind = P::KIND;
+    let _guard = StreamGuard::new(&inner.metrics, kind);
     let opts = inner.feeds.options().clone();
     let mut feed = None;
     let mut network = None;
-    let mut state = DeltaStream::default();
+    let mut state = P::default();
     let mut current: Option<Arc<NetworkSnapshot>> = None;
-    info!("delta stream opened");
+    let mut warned_types = std::collections::BTreeSet::new();
+    info!(kind, "stream opened");
     loop {
         let response = tokio::select! {
             _ = inner.stop.cancelled() => break,
@@ -260,30 +209,33 @@ async fn run_delta(
                     Some(Err(status)) => { debug!(%status, "stream ended by the client"); break }
                     Some(Ok(r)) => r,
                 };
-                if !stream::is_eds(&req.type_url) {
-                    log_event(&inner, "delta", &Event::OtherType(req.type_url.clone()), network.as_deref());
+                let type_url = P::type_url(&req);
+                if !stream::is_eds(type_url) {
+                    if warned_types.insert(type_url.to_string()) {
+                        info!(type_url, "this server serves only EDS; requests for this type are ignored");
+                    }
+                    log_event(&inner, kind, &Event::OtherType(type_url.to_string()), network.as_deref());
                     continue;
                 }
-                let Some(snap) = snapshot_for(&inner, &mut feed, &mut network, req.node.as_ref()).await else { break };
+                let Some(snap) = snapshot_for(&inner, &mut feed, &mut network, P::node(&req)).await else { continue };
                 current = Some(snap.clone());
-                let (event, response) = state.on_request(&req, &snap, &opts);
-                log_event(&inner, "delta", &event, network.as_deref());
+                let (event, response) = state.request(&req, &snap, &opts);
+                log_event(&inner, kind, &event, network.as_deref());
                 response.map(|r| (r, snap))
             }
             s = next_snapshot(&mut feed) => {
                 let Some(s) = s else { break };
                 current = s.clone().or(current);
-                s.and_then(|snap| state.on_generation(&snap, &opts).map(|r| (r, snap)))
+                s.and_then(|snap| state.generation(&snap, &opts).map(|r| (r, snap)))
             }
-            // The rest of a state cut into parts, built only once the previous part has left the
-            // channel: a stream never holds more than two parts (many streams filling at once
-            // otherwise leave hundreds of MiB of freed heap behind).
+            // The rest of a response cut in parts, built only once the previous part has left
+            // the channel.
             permit = tx.reserve(), if state.has_more() => {
                 let Ok(permit) = permit else { break };
                 if let Some(snap) = current.clone()
-                    && let Some(r) = state.on_more(&snap, &opts)
+                    && let Some(r) = state.more(&snap, &opts)
                 {
-                    inner.metrics.pushed("delta", snap.generation.published.elapsed());
+                    inner.metrics.pushed(kind, snap.generation.published.elapsed());
                     permit.send(Ok(r));
                 }
                 None
@@ -292,13 +244,25 @@ async fn run_delta(
         if let Some((response, snap)) = response {
             inner
                 .metrics
-                .pushed("delta", snap.generation.published.elapsed());
+                .pushed(kind, snap.generation.published.elapsed());
             if tx.send(Ok(response)).await.is_err() {
                 break;
             }
         }
     }
-    info!("delta stream closed");
+    // The feed also ends when the server stops: whichever the loop saw first, a stream the
+    // server ends gets the status clients retry elsewhere, never a clean end of stream.
+    if inner.stop.is_cancelled() && !tx.is_closed() {
+        // Bounded: a client that does not read is not waited for.
+        let sent = tokio::time::timeout(Duration::from_secs(1), tx.send(Err(draining_status())));
+        let _ = sent.await;
+        info!(
+            kind,
+            "stream ended: the server is draining (UNAVAILABLE, clients reconnect)"
+        );
+    } else {
+        info!(kind, "stream closed");
+    }
 }
 
 #[tonic::async_trait]
@@ -311,7 +275,11 @@ impl AggregatedDiscoveryService for XdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
-        Ok(Response::new(self.sotw(request.into_inner(), peer, "ads")))
+        Ok(Response::new(self.stream::<SotwStream>(
+            request.into_inner(),
+            peer,
+            "ads",
+        )))
     }
 
     async fn delta_aggregated_resources(
@@ -319,7 +287,7 @@ impl AggregatedDiscoveryService for XdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
-        Ok(Response::new(self.delta(
+        Ok(Response::new(self.stream::<DeltaStream>(
             request.into_inner(),
             peer,
             "ads-delta",
@@ -337,7 +305,11 @@ impl EndpointDiscoveryService for XdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamEndpointsStream>, Status> {
         let peer = request.remote_addr();
-        Ok(Response::new(self.sotw(request.into_inner(), peer, "eds")))
+        Ok(Response::new(self.stream::<SotwStream>(
+            request.into_inner(),
+            peer,
+            "eds",
+        )))
     }
 
     async fn delta_endpoints(
@@ -345,7 +317,7 @@ impl EndpointDiscoveryService for XdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaEndpointsStream>, Status> {
         let peer = request.remote_addr();
-        Ok(Response::new(self.delta(
+        Ok(Response::new(self.stream::<DeltaStream>(
             request.into_inner(),
             peer,
             "eds-delta",

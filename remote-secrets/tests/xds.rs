@@ -40,6 +40,10 @@ struct Mesh {
 }
 
 async fn start(tls: Option<&Path>) -> Mesh {
+    start_with(tls, |_| {}).await
+}
+
+async fn start_with(tls: Option<&Path>, adjust: impl FnOnce(&mut ServeConfig)) -> Mesh {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let c1 = dir.path().join("cluster-1");
@@ -54,6 +58,7 @@ async fn start(tls: Option<&Path>) -> Mesh {
         config.xds_tls_key = Some(t.join("server/key.pem"));
         config.xds_tls_root_cert = Some(t.join("server/root-cert.pem"));
     }
+    adjust(&mut config);
     let app = App::start(config).await.unwrap();
     Mesh { _dir: dir, c2, app }
 }
@@ -328,4 +333,92 @@ async fn a_remote_that_disappears_keeps_its_endpoints_marked_stale() {
         "{metrics}"
     );
     mesh.app.stop();
+}
+
+/// SIGTERM's path: streams keep being served through the drain (readiness 503), then each ends
+/// with UNAVAILABLE, the status gRPC clients and Envoy retry on another replica, and new
+/// connections are refused. Both protocols, since they share the one stream loop.
+#[tokio::test]
+async fn draining_ends_every_stream_with_unavailable_after_the_drain_period() {
+    let drain = Duration::from_millis(500);
+    let mesh = start_with(None, |c| c.lifecycle.drain_duration = drain).await;
+    let xds = format!("http://{}", mesh.app.addresses.xds);
+    let mut client = AggregatedDiscoveryServiceClient::connect(xds.clone())
+        .await
+        .unwrap();
+    let (sotw_tx, rx) = mpsc::channel(8);
+    let mut sotw = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    sotw_tx
+        .send(DiscoveryRequest {
+            node: node("network1"),
+            type_url: EDS_TYPE.into(),
+            resource_names: vec![NAME.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (delta_tx, rx) = mpsc::channel(8);
+    let mut delta = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            node: node("network1"),
+            type_url: EDS_TYPE.into(),
+            resource_names_subscribe: vec![NAME.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    next(&mut sotw).await;
+    next(&mut delta).await;
+
+    let began = std::time::Instant::now();
+    mesh.app.begin_termination();
+    let (code, _) = http_get(mesh.app.addresses.status, "/healthz/ready").await;
+    assert_eq!(
+        code, 503,
+        "readiness fails from the moment termination begins"
+    );
+    for (what, ended) in [
+        ("sotw", end_status(&mut sotw).await),
+        ("delta", end_status(&mut delta).await),
+    ] {
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "{what}: {ended:?}");
+        assert!(ended.message().contains("reconnect"), "{what}: {ended:?}");
+    }
+    assert!(
+        began.elapsed() >= drain,
+        "streams are served through the drain period, ended after {:?}",
+        began.elapsed()
+    );
+    testkit::eventually("new xDS connections refused after the drain", || async {
+        AggregatedDiscoveryServiceClient::connect(xds.clone())
+            .await
+            .is_err()
+    })
+    .await;
+    // Every task ends (file-backed remotes' pollers included: they once kept a terminating
+    // process alive until the kubelet's SIGKILL).
+    tokio::time::timeout(Duration::from_secs(10), mesh.app.wait_terminated())
+        .await
+        .expect("terminated well before the deadline once every stream ended");
+}
+
+/// The status a stream ended with, past the pushes still served during the drain (a panic if
+/// it ended cleanly).
+async fn end_status<T: std::fmt::Debug>(s: &mut Streaming<T>) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+            Ok(Some(Ok(_pushed_during_the_drain))) => continue,
+            Ok(Some(Err(status))) => return status,
+            other => panic!("expected the stream to end with a status, got {other:?}"),
+        }
+    }
 }

@@ -63,6 +63,111 @@ pub fn node_network(node: Option<&Node>) -> Option<String> {
     }
 }
 
+/// What the stream loop (one for both protocols, in `xds.rs`) asks of a protocol: State of the
+/// World and Delta differ only here.
+pub trait Protocol: Default + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// The protocol's name in logs and metrics.
+    const KIND: &'static str;
+    /// Responses queued towards the client before the loop waits for it to read.
+    const QUEUE: usize;
+
+    fn type_url(req: &Self::Request) -> &str;
+    fn node(req: &Self::Request) -> Option<&Node>;
+    /// Handle a request; maybe answer it.
+    fn request(
+        &mut self,
+        req: &Self::Request,
+        snap: &Arc<NetworkSnapshot>,
+        opts: &EdsOptions,
+    ) -> (Event, Option<Self::Response>);
+    /// A new snapshot: answer only if this stream's resources changed.
+    fn generation(
+        &mut self,
+        snap: &Arc<NetworkSnapshot>,
+        opts: &EdsOptions,
+    ) -> Option<Self::Response>;
+    /// A response was cut in parts and more are to be sent.
+    fn has_more(&self) -> bool {
+        false
+    }
+    /// The next part.
+    fn more(&mut self, _snap: &Arc<NetworkSnapshot>, _opts: &EdsOptions) -> Option<Self::Response> {
+        None
+    }
+}
+
+impl Protocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const KIND: &'static str = "sotw";
+    const QUEUE: usize = 4;
+
+    fn type_url(req: &DiscoveryRequest) -> &str {
+        &req.type_url
+    }
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn request(
+        &mut self,
+        req: &DiscoveryRequest,
+        snap: &Arc<NetworkSnapshot>,
+        opts: &EdsOptions,
+    ) -> (Event, Option<DiscoveryResponse>) {
+        self.on_request(req, snap, opts)
+    }
+    fn generation(
+        &mut self,
+        snap: &Arc<NetworkSnapshot>,
+        opts: &EdsOptions,
+    ) -> Option<DiscoveryResponse> {
+        self.on_generation(snap, opts)
+    }
+}
+
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const KIND: &'static str = "delta";
+    // Parts of a cut state are built only as the previous one leaves: a stream never holds
+    // more than two (many streams filling at once otherwise leave hundreds of MiB behind).
+    const QUEUE: usize = 2;
+
+    fn type_url(req: &DeltaDiscoveryRequest) -> &str {
+        &req.type_url
+    }
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        snap: &Arc<NetworkSnapshot>,
+        opts: &EdsOptions,
+    ) -> (Event, Option<DeltaDiscoveryResponse>) {
+        self.on_request(req, snap, opts)
+    }
+    fn generation(
+        &mut self,
+        snap: &Arc<NetworkSnapshot>,
+        opts: &EdsOptions,
+    ) -> Option<DeltaDiscoveryResponse> {
+        self.on_generation(snap, opts)
+    }
+    fn has_more(&self) -> bool {
+        DeltaStream::has_more(self)
+    }
+    fn more(
+        &mut self,
+        snap: &Arc<NetworkSnapshot>,
+        opts: &EdsOptions,
+    ) -> Option<DeltaDiscoveryResponse> {
+        self.on_more(snap, opts)
+    }
+}
+
 /// Which names to look at when reconciling with a snapshot.
 enum Scope {
     /// Every subscribed and every sent name.
