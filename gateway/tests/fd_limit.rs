@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const HELLO: &[u8] = include_bytes!("fixtures/openssl-3.0-client-hello.bin");
+const HELLO: &[u8] = include_bytes!("fixtures/hellos/openssl-3.0-client-hello.bin");
 const FD_LIMIT: u64 = 48;
 
 fn free_port() -> u16 {
