@@ -221,6 +221,7 @@ fn encode_servfail(request: &Request) -> (ResponseCode, Option<Vec<u8>>) {
 /// would wake the loop once more per reply: a UDP socket signals "writable" each time the
 /// kernel frees a sent datagram (perf stat: two epoll_waits per query at 5k QPS, knot one).
 /// A full send buffer, the only time writing has to wait, is handled by [`wait_writable`].
+#[allow(unsafe_code)] // registering the socket with the reactor for recvmmsg
 pub async fn serve_udp(socket: std::net::UdpSocket, handler: Handler, stop: CancellationToken) {
     // SAFETY: the socket owns its descriptor, and the AsyncFd owns the socket until dropped.
     let socket = match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) } {
@@ -307,6 +308,7 @@ async fn send_replies(fd: RawFd, batch: &mut Batch) {
 /// Wait until the socket behind `fd` can take a datagram again. Its own registration is for
 /// reading only, so this registers a duplicate descriptor (same socket, another epoll entry)
 /// for writing, just for this wait. Only a full send buffer gets here.
+#[allow(unsafe_code)] // borrowing the socket's descriptor for a second registration
 async fn wait_writable(fd: RawFd) -> io::Result<()> {
     // SAFETY: `fd` is the caller's open socket for the whole call; the duplicate is ours.
     let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
@@ -399,6 +401,7 @@ mod tests {
     /// The send path's wait for room registers a duplicate of the socket for writing beside
     /// the socket's own read-only registration; the two must not collide (EEXIST).
     #[tokio::test]
+    #[allow(unsafe_code)] // the registration the test exercises
     async fn waiting_for_room_to_send_works_beside_the_read_registration() {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();

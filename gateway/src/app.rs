@@ -270,6 +270,7 @@ fn bind_listeners(
 /// a wake-up per connection, and a client that never speaks costs the gateway nothing. The
 /// kernel still passes on a silent connection after about `peek_timeout` (then the peek
 /// deadline applies as usual).
+#[allow(unsafe_code)] // setsockopt(TCP_DEFER_ACCEPT) has no safe wrapper
 fn defer_accept(listener: &std::net::TcpListener, peek_timeout: Duration) {
     #[cfg(target_os = "linux")]
     {

@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Each spliced connection holds two sockets and up to two pipes: lift the soft descriptor
 /// limit to the hard one so thousands of connections fit.
+#[allow(unsafe_code)] // getrlimit/setrlimit have no safe wrapper in std
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

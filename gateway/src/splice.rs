@@ -17,6 +17,8 @@
 //! byte counts of a connection that ends by idle timeout, an activity clock, and readiness
 //! handling that skips the EAGAIN probe.
 
+#![allow(unsafe_code)] // the kernel interface (libc) this module wraps; each block says why it is sound
+
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};

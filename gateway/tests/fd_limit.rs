@@ -90,6 +90,7 @@ fn start(dir: &std::path::Path) -> Gateway {
         .args(["--peek-timeout", "60s", "--eject-after", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
+    #[allow(unsafe_code)] // pre_exec and setrlimit have no safe form
     // SAFETY: setrlimit is async-signal-safe and touches only the child being started.
     unsafe {
         cmd.pre_exec(|| {

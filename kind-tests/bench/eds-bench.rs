@@ -167,6 +167,7 @@ fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+#[allow(unsafe_code)] // sysconf has no safe wrapper in std
 fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64

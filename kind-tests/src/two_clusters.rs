@@ -36,6 +36,7 @@ fn ip(args: &[&str]) -> Result<(), NetnsError> {
 }
 
 /// Whether this process may create network namespaces (root with iproute2), and if not, why.
+#[allow(unsafe_code)] // geteuid has no safe wrapper in std
 pub fn unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -6,6 +6,8 @@
 //! into them live only for the duration of one call, so nothing self-referential is kept
 //! across an `.await`. A reply goes back to the address its query came from, as received.
 
+#![allow(unsafe_code)] // the kernel interface (libc) this module wraps; each block says why it is sound
+
 use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -53,6 +55,7 @@ impl Batch {
         // SAFETY: zeroed `iovec`s and `mmsghdr`s are valid (null pointers, zero lengths); all
         // are filled in below before use.
         let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+        // SAFETY: as for the `iovec`s just above.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
         let buffers = self.buffers.as_mut_ptr();
         for (i, (iov, header)) in iovecs.iter_mut().zip(headers.iter_mut()).enumerate() {
@@ -124,6 +127,7 @@ impl Batch {
         }
         // SAFETY: as in `receive`; filled in below before use.
         let mut iovecs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+        // SAFETY: as in `receive`.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
         for ((iov, header), &i) in iovecs.iter_mut().zip(headers.iter_mut()).zip(todo) {
             let reply = &self.replies[i];
